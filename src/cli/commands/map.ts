@@ -1,0 +1,52 @@
+/** `qimg map [-f fmt] [--output=human|json] [--start-offset N] [--max-length N] [-U] FILE` */
+import type { Command } from 'commander';
+import { QimgError } from '../../core/errors.js';
+import { openImage } from '../../core/open.js';
+import { parseOffsetArg } from '../../core/size.js';
+import { mapImage } from '../../ops/map.js';
+import { mapEntryJson } from '../output/json.js';
+import { MAP_HUMAN_HEADER, mapHumanRow } from '../output/human.js';
+import { parseOutputFormat, writeOut } from './common.js';
+
+export function registerMap(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
+  program
+    .command('map')
+    .description('show the allocation of every range of an image')
+    .option('-f, --format <fmt>', 'image format (probed when absent)')
+    .option('--output <ofmt>', 'human or json', 'human')
+    .option('-s, --start-offset <offset>', 'first byte to map')
+    .option('-l, --max-length <length>', 'bytes to map')
+    .option('-U, --force-share', 'open even if the image is in use (read-only)')
+    .argument('<filename>')
+    .action((filename: string, opts: { format?: string; output?: string; startOffset?: string; maxLength?: string }) =>
+      run(filename, async () => {
+        const output = parseOutputFormat(opts.output);
+        const start = opts.startOffset !== undefined ? parseOffsetArg(opts.startOffset, 'start offset') : 0;
+        const maxLength = opts.maxLength !== undefined ? parseOffsetArg(opts.maxLength, 'max length') : undefined;
+        const img = await openImage(filename, { format: opts.format });
+        try {
+          if (output === 'json') {
+            const parts: string[] = [];
+            for await (const e of mapImage(img, start, maxLength)) parts.push(mapEntryJson(e));
+            await writeOut(`[${parts.join(',\n')}]\n`);
+            return;
+          }
+          let out = MAP_HUMAN_HEADER;
+          for await (const e of mapImage(img, start, maxLength)) {
+            if (e.data && e.hostOffset === undefined) {
+              await writeOut(out);
+              throw new QimgError('File contains external, encrypted or compressed clusters.');
+            }
+            if (e.data && !e.zero) out += mapHumanRow(e.offset, e.length, e.hostOffset ?? 0, e.file ?? '');
+            if (out.length > 65536) {
+              await writeOut(out);
+              out = '';
+            }
+          }
+          await writeOut(out);
+        } finally {
+          await img.close();
+        }
+      }),
+    );
+}

@@ -1,0 +1,25 @@
+/** Turning any failure into qemu-img's shape: one line on stderr and an exit code. */
+import { QimgError, describeSystemError } from '../core/errors.js';
+
+export function formatError(err: unknown, fallbackFile?: string): { line: string; code: number } {
+  if (err instanceof QimgError) {
+    const file = err.file ?? fallbackFile;
+    return { line: file && !err.message.includes(`'${file}'`) ? `qimg: ${file}: ${err.message}` : `qimg: ${err.message}`, code: err.exitCode };
+  }
+  const msg = describeSystemError(err);
+  return { line: fallbackFile ? `qimg: ${fallbackFile}: ${msg}` : `qimg: ${msg}`, code: 1 };
+}
+
+export function reportError(err: unknown, fallbackFile?: string): number {
+  const { line, code } = formatError(err, fallbackFile);
+  process.stderr.write(line.replace(/\n/g, ' ') + '\n');
+  if (process.env.QIMG_DEBUG === '1' && err instanceof Error && err.stack) process.stderr.write(err.stack + '\n');
+  return code;
+}
+
+/** A failure of the command line itself (exit 1, as qemu-img). */
+export class UsageError extends QimgError {
+  constructor(message: string) {
+    super(message, { exitCode: 1 });
+  }
+}

@@ -1,0 +1,48 @@
+/** The commander program: global options and one subcommand per module. */
+import { Command, CommanderError } from 'commander';
+import { registerConvert } from './commands/convert.js';
+import { registerInfo } from './commands/info.js';
+import { registerMap } from './commands/map.js';
+import { reportError } from './errors.js';
+
+export const VERSION = '0.1.0';
+
+export interface RunResult {
+  code: number;
+}
+
+export function buildProgram(result: RunResult): Command {
+  const program = new Command();
+  program
+    .name('qimg')
+    .description('qimg: a disk image tool for raw and qcow2 images, a drop-in for qemu-img')
+    .version(`qimg version ${VERSION}`, '-V, --version')
+    .exitOverride()
+    .configureOutput({
+      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `qimg: ${s.slice(7)}` : s),
+    })
+    .showHelpAfterError("Try 'qimg --help' for more information")
+    .allowExcessArguments(false);
+
+  /** Runs one command body, mapping its failures to qemu-img's exit codes. */
+  const run = async (file: string | undefined, fn: () => Promise<number | void>): Promise<void> => {
+    try {
+      const code = await fn();
+      result.code = typeof code === 'number' ? code : 0;
+    } catch (err) {
+      result.code = reportError(err, file);
+    }
+  };
+
+  registerInfo(program, run);
+  registerMap(program, run);
+  registerConvert(program, run);
+  for (const cmd of program.commands) {
+    cmd.exitOverride().configureOutput(program.configureOutput()).allowExcessArguments(false);
+  }
+  return program;
+}
+
+export function isCommanderError(err: unknown): err is CommanderError {
+  return err instanceof CommanderError;
+}

@@ -1,0 +1,92 @@
+/**
+ * The BlockImage interface: every opened image (raw file, qcow2 layer, ...) is one
+ * object with this shape. Operations (convert, map, compare, ...) speak only this.
+ */
+
+/**
+ * What one layer says about the range starting at an offset: qemu's block status
+ * flags for this layer alone (no backing resolution).
+ */
+export interface LayerStatus {
+  /** bytes from the asked offset that share this status (> 0) */
+  length: number;
+  /** reads come from data stored in this layer */
+  data: boolean;
+  /** reads as zeros */
+  zero: boolean;
+  /** host offset of the data in `file` when it is stored unencoded */
+  hostOffset?: number;
+  /** the file holding hostOffset (the image file, or its external data file) */
+  file?: string;
+  /** stored compressed */
+  compressed?: boolean;
+}
+
+export type ExtentKind = 'data' | 'zero' | 'unallocated';
+
+/** A chain-resolved range: which layer answers, and how. */
+export interface Extent {
+  offset: number;
+  length: number;
+  /** data: must be read; zero: reads as zeros from metadata; unallocated: nowhere in the chain */
+  kind: ExtentKind;
+  /** chain level that answered (0 = top); for unallocated ranges the bottom's level */
+  depth: number;
+  /** allocated in some layer (qemu's "present") */
+  present: boolean;
+  /** qemu's "data" flag */
+  data: boolean;
+  /** qemu's "zero" flag */
+  zero: boolean;
+  compressed: boolean;
+  hostOffset?: number;
+  file?: string;
+}
+
+/** Data `info` reports, shaped as qemu-img's ImageInfo (field names mapped by the CLI). */
+export interface ImageInfo {
+  filename: string;
+  format: string;
+  virtualSize: number;
+  actualSize?: number;
+  clusterSize?: number;
+  dirtyFlag?: boolean;
+  encrypted?: boolean;
+  backingFilename?: string;
+  fullBackingFilename?: string;
+  backingFilenameFormat?: string;
+  snapshots?: SnapshotInfo[];
+  formatSpecific?: { type: string; data: Record<string, unknown> };
+}
+
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockSec: number;
+  vmClockNsec: number;
+  /** undefined when the snapshot records none (-1) */
+  icount?: number;
+}
+
+export interface BlockImage {
+  readonly format: string;
+  /** the name the image was opened by */
+  readonly filename: string;
+  readonly virtualSize: number;
+  /** the next image down the backing chain, or null */
+  readonly backing: BlockImage | null;
+  readonly readOnly: boolean;
+
+  /** Fills `buf` with guest data from `offset`, resolving through the backing chain. */
+  read(offset: number, buf: Buffer): Promise<void>;
+  /** This layer's own status at `offset` (at most `length` bytes; offset < virtualSize). */
+  layerStatus(offset: number, length: number): Promise<LayerStatus>;
+  /** Data the `info` command prints. */
+  info(): Promise<ImageInfo>;
+  flush(): Promise<void>;
+  /** Closes this image and its whole backing chain. */
+  close(): Promise<void>;
+}

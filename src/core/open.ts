@@ -1,0 +1,117 @@
+/**
+ * Opening images and backing chains: format from the caller, the image's header or
+ * probing; relative backing names resolved against the naming image's directory;
+ * loops and excessive depth refused (qemu-img can hang on a self-referencing chain).
+ */
+import { isAbsolute, resolve } from 'node:path';
+import { realpathSync } from 'node:fs';
+import type { BlockImage } from './block-image.js';
+import { findDriver, probeDriver } from './driver.js';
+import { QimgError } from './errors.js';
+import { ImageFile } from '../io/file.js';
+
+/** Longest backing chain qimg opens. */
+export const MAX_CHAIN_DEPTH = 256;
+/** Bytes read for format probing (as qemu). */
+const PROBE_BYTES = 2048;
+
+export interface OpenOptions {
+  /** format of the image (-f); probed when absent */
+  format?: string;
+  /** open read-write */
+  writable?: boolean;
+  /**
+   * open for metadata only (`info`): no backing file, no external data file, no
+   * guest data reads, as qemu's "no I/O" opens
+   */
+  metadataOnly?: boolean;
+  /** format of the backing file when the image does not record one */
+  backingFormat?: string;
+}
+
+/** State shared by every image opened for one chain. */
+export interface OpenContext {
+  options: OpenOptions;
+  /** real paths of the images above this one, top first */
+  chain: string[];
+  /** opens a backing (or other referenced) image in this chain */
+  openBacking(name: string, format: string | undefined, from: string): Promise<BlockImage>;
+}
+
+/**
+ * Resolves a file name stored in an image relative to that image's directory, the
+ * way qemu combines them (so names in messages and `map` match qemu-img's).
+ */
+export function resolveRelative(name: string, imagePath: string): string {
+  return joinBackingName(name, imagePath);
+}
+
+/**
+ * What `info` prints as full-backing-filename: qemu joins the naming image's directory
+ * and the name without normalising ("sub/../base.qcow2").
+ */
+export function joinBackingName(name: string, imagePath: string): string {
+  if (isAbsolute(name)) return name;
+  const slash = imagePath.lastIndexOf('/');
+  return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
+}
+
+export async function openImage(filename: string, options: OpenOptions = {}): Promise<BlockImage> {
+  return openInChain(filename, options.format, options, []);
+}
+
+async function openInChain(
+  filename: string,
+  format: string | undefined,
+  options: OpenOptions,
+  chain: string[],
+): Promise<BlockImage> {
+  let real: string;
+  try {
+    real = realpathSync(filename);
+  } catch {
+    real = resolve(filename);
+  }
+  if (chain.includes(real)) {
+    throw new QimgError(`Backing file '${filename}' creates an infinite loop.`);
+  }
+  if (chain.length >= MAX_CHAIN_DEPTH) {
+    throw new QimgError(`Backing chain is deeper than ${MAX_CHAIN_DEPTH} images`);
+  }
+  const writable = chain.length === 0 && !!options.writable;
+  const file = await ImageFile.open(filename, { writable });
+  try {
+    let driver = format ? findDriver(format) : undefined;
+    if (format && !driver) throw new QimgError(`Unknown driver '${format}'`);
+    if (!driver) {
+      const head = await file.readBytes(0, Math.min(PROBE_BYTES, Math.max(file.size, 0)));
+      driver = probeDriver(head, filename);
+    }
+    const ctx: OpenContext = {
+      options,
+      chain: [...chain, real],
+      openBacking: (name, fmt, from) => openBackingOf(name, fmt, from, options, [...chain, real]),
+    };
+    return await driver.open(file, ctx);
+  } catch (err) {
+    await file.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function openBackingOf(
+  name: string,
+  format: string | undefined,
+  from: string,
+  options: OpenOptions,
+  chain: string[],
+): Promise<BlockImage> {
+  const path = resolveRelative(name, from);
+  try {
+    return await openInChain(path, format, { ...options, writable: false }, chain);
+  } catch (err) {
+    if (err instanceof QimgError && /infinite loop|deeper than/.test(err.message)) throw err;
+    const msg = err instanceof Error ? err.message : String(err);
+    throw new QimgError(`Could not open backing file: ${msg}`, { file: from, cause: err });
+  }
+}

@@ -1,0 +1,337 @@
+/**
+ * The qcow2 driver: opens an image (header, L1, refcount table, snapshot table,
+ * external data file, backing file), answers block status from L1/L2 metadata and
+ * reads guest data through L2 lookups, compressed clusters and the backing chain.
+ */
+import type { BlockImage, ImageInfo, LayerStatus, SnapshotInfo } from '../../core/block-image.js';
+import type { FormatDriver } from '../../core/driver.js';
+import { CorruptImageError, QimgError, UnsupportedError } from '../../core/errors.js';
+import { joinBackingName, resolveRelative, type OpenContext } from '../../core/open.js';
+import { existsSync } from 'node:fs';
+import { isAbsolute } from 'node:path';
+import { ImageFile } from '../../io/file.js';
+import * as C from './constants.js';
+import { decompressCluster, DecompressError } from './compress.js';
+import { lookupRun, l2OffsetFromL1, Sub, type Geometry, type Run } from './entries.js';
+import { probeQcow2, readHeader, type Qcow2Header } from './header.js';
+import { RefcountReader } from './refcount.js';
+import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
+import { TableCache } from './table-cache.js';
+import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
+import { readLuksInfo } from './luks.js';
+import { qcow2CreateOptions } from './options.js';
+
+/** L2 cache budget: enough tables to map 256 GiB with 64 KiB clusters (QEMU's default max 32 MiB). */
+const L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+export class Qcow2Image implements BlockImage {
+  readonly format = 'qcow2';
+  readonly geometry: Geometry;
+  private readonly l2Cache: TableCache;
+  private compressedCache: { hostOffset: number; data: Buffer } | null = null;
+  private metadataPrealloc: boolean | undefined;
+  private refcounts_: RefcountReader | null = null;
+
+  constructor(
+    readonly file: ImageFile,
+    readonly filename: string,
+    readonly header: Qcow2Header,
+    readonly l1: Buffer,
+    readonly refcountTable: Buffer,
+    readonly snapshots: Qcow2Snapshot[],
+    readonly dataFile: ImageFile | null,
+    readonly backing: BlockImage | null,
+  ) {
+    const extendedL2 = (header.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n;
+    const clusterSize = 2 ** header.clusterBits;
+    const l2EntrySize = extendedL2 ? 16 : 8;
+    this.geometry = {
+      clusterBits: header.clusterBits,
+      clusterSize,
+      l2EntrySize,
+      l2Entries: clusterSize / l2EntrySize,
+      extendedL2,
+      subclusterSize: extendedL2 ? clusterSize / 32 : clusterSize,
+      version: header.version,
+      hasDataFile: (header.incompatibleFeatures & C.INCOMPAT_DATA_FILE) !== 0n,
+    };
+    const tables = Math.max(16, Math.floor(L2_CACHE_BYTES / clusterSize));
+    this.l2Cache = new TableCache(tables, (off) => file.readBytes(off, clusterSize));
+  }
+
+  get virtualSize(): number {
+    return this.header.size;
+  }
+
+  get readOnly(): boolean {
+    return !this.file.writable;
+  }
+
+  get refcounts(): RefcountReader {
+    this.refcounts_ ??= new RefcountReader(this.file, this.refcountTable, this.geometry.clusterSize, this.header.refcountOrder);
+    return this.refcounts_;
+  }
+
+  /** The run of this layer's mapping at guest offset `offset`. */
+  async lookup(offset: number, maxLen: number): Promise<Run> {
+    const g = this.geometry;
+    const span = g.clusterSize * g.l2Entries;
+    const l1Index = Math.floor(offset / span);
+    if (l1Index >= this.header.l1Size) {
+      return { type: Sub.UnallocatedPlain, length: Math.min(maxLen, span - (offset % span)) };
+    }
+    const l2Offset = l2OffsetFromL1(this.l1, l1Index, g, this.filename);
+    const l2 = l2Offset === 0 ? null : await this.l2Cache.get(l2Offset);
+    return lookupRun(l2, l2Offset, offset, maxLen, g, this.filename);
+  }
+
+  async layerStatus(offset: number, length: number): Promise<LayerStatus> {
+    const run = await this.lookup(offset, Math.min(length, this.virtualSize - offset));
+    const file = this.dataFile ? this.dataFile.path : this.filename;
+    switch (run.type) {
+      case Sub.Normal: {
+        const st: LayerStatus = { length: run.length, data: true, zero: false, hostOffset: run.hostOffset, file };
+        if (await this.hasMetadataPreallocation()) this.refineFromHostFile(st);
+        return st;
+      }
+      case Sub.Compressed:
+        return { length: run.length, data: true, zero: false, compressed: true };
+      case Sub.ZeroPlain:
+        return { length: run.length, data: false, zero: true };
+      case Sub.ZeroAlloc:
+        return { length: run.length, data: false, zero: true, hostOffset: run.hostOffset, file };
+      case Sub.UnallocatedAlloc:
+        return { length: run.length, data: false, zero: false, hostOffset: run.hostOffset, file };
+      default:
+        return { length: run.length, data: false, zero: false };
+    }
+  }
+
+  /**
+   * For metadata-preallocated images QEMU asks the host file whether allocated data
+   * clusters are holes (then they read as zeros) — reproduced here for equal maps.
+   */
+  private refineFromHostFile(st: LayerStatus): void {
+    const host = this.dataFile ?? this.file;
+    const run = host.runAt(st.hostOffset!, st.length);
+    if (run.eof && (run.length === 0 || !run.data)) {
+      st.zero = true;
+      return;
+    }
+    st.length = run.length;
+    st.zero = !run.data;
+  }
+
+  /** QEMU's heuristic: far more clusters referenced than the file has allocated on disk. */
+  private async hasMetadataPreallocation(): Promise<boolean> {
+    if (this.metadataPrealloc !== undefined) return this.metadataPrealloc;
+    this.metadataPrealloc = false;
+    try {
+      const cs = this.geometry.clusterSize;
+      const realClusters = Math.floor((await this.file.allocatedSize()) / cs);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const nbClusters = Math.ceil(this.file.size / cs);
+      let allocated = 0;
+      for (let i = 0; i < nbClusters; i++) {
+        const rc = await this.refcounts.get(i);
+        if (rc !== 0 && rc !== 0n && ++allocated > threshold) {
+          this.metadataPrealloc = true;
+          break;
+        }
+      }
+    } catch {
+      // Refcounts are not needed for reading; a damaged table only loses this refinement.
+    }
+    return this.metadataPrealloc;
+  }
+
+  async read(offset: number, buf: Buffer): Promise<void> {
+    if (offset < 0 || offset + buf.length > this.virtualSize) {
+      throw new QimgError(`read beyond the end of the image (offset ${offset}, length ${buf.length})`, { file: this.filename });
+    }
+    let done = 0;
+    while (done < buf.length) {
+      const pos = offset + done;
+      const run = await this.lookup(pos, buf.length - done);
+      const part = buf.subarray(done, done + run.length);
+      switch (run.type) {
+        case Sub.Normal:
+          await (this.dataFile ?? this.file).read(part, run.hostOffset!);
+          break;
+        case Sub.ZeroPlain:
+        case Sub.ZeroAlloc:
+          part.fill(0);
+          break;
+        case Sub.Compressed:
+          await this.readCompressed(pos, part, run.compressed!);
+          break;
+        default:
+          await this.readBacking(pos, part);
+      }
+      done += run.length;
+    }
+  }
+
+  private async readBacking(offset: number, part: Buffer): Promise<void> {
+    const b = this.backing;
+    if (!b || offset >= b.virtualSize) {
+      part.fill(0);
+      return;
+    }
+    const n = Math.min(part.length, b.virtualSize - offset);
+    await b.read(offset, part.subarray(0, n));
+    if (n < part.length) part.fill(0, n);
+  }
+
+  private async readCompressed(offset: number, part: Buffer, c: { hostOffset: number; size: number }): Promise<void> {
+    const cs = this.geometry.clusterSize;
+    let cluster = this.compressedCache?.hostOffset === c.hostOffset ? this.compressedCache.data : null;
+    if (!cluster) {
+      if (c.hostOffset >= this.file.size) {
+        throw new CorruptImageError(this.filename, `error while reading at byte ${offset}: compressed cluster at 0x${c.hostOffset.toString(16)} lies beyond the end of the file`);
+      }
+      const raw = await this.file.readBytes(c.hostOffset, c.size);
+      try {
+        cluster = decompressCluster(this.header.compressionType, raw, cs);
+      } catch (err) {
+        if (err instanceof DecompressError) {
+          throw new CorruptImageError(this.filename, `error while reading at byte ${offset}: ${err.message}`);
+        }
+        throw err;
+      }
+      this.compressedCache = { hostOffset: c.hostOffset, data: cluster };
+    }
+    const inCluster = offset % cs;
+    cluster.copy(part, 0, inCluster, inCluster + part.length);
+  }
+
+  async info(): Promise<ImageInfo> {
+    const h = this.header;
+    const info: ImageInfo = {
+      filename: this.filename,
+      format: 'qcow2',
+      virtualSize: h.size,
+      actualSize: await this.file.allocatedSize(),
+      clusterSize: this.geometry.clusterSize,
+      dirtyFlag: (h.incompatibleFeatures & C.INCOMPAT_DIRTY) !== 0n,
+    };
+    if (h.cryptMethod !== C.CRYPT_NONE) info.encrypted = true;
+    if (h.backingFile !== undefined) {
+      info.backingFilename = h.backingFile;
+      info.fullBackingFilename = joinBackingName(h.backingFile, this.filename);
+      if (h.backingFormat !== undefined) info.backingFilenameFormat = h.backingFormat;
+    }
+    if (this.snapshots.length > 0) info.snapshots = this.snapshots.map(snapshotInfo);
+    info.formatSpecific = { type: 'qcow2', data: await this.formatSpecific() };
+    return info;
+  }
+
+  private async formatSpecific(): Promise<Record<string, unknown>> {
+    const h = this.header;
+    const compressionType = h.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'zlib';
+    const encrypt = h.cryptMethod === C.CRYPT_LUKS && h.crypto ? await readLuksInfo(this.file, h.crypto) : h.cryptMethod === C.CRYPT_AES ? { format: 'aes' } : undefined;
+    if (h.version === 2) {
+      const d: Record<string, unknown> = { compat: '0.10', 'compression-type': compressionType, 'refcount-bits': 1 << h.refcountOrder };
+      if (encrypt) d.encrypt = encrypt;
+      return d;
+    }
+    const d: Record<string, unknown> = {
+      compat: '1.1',
+      'compression-type': compressionType,
+      'lazy-refcounts': (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n,
+    };
+    if (h.bitmaps) {
+      const entries = await readBitmapDirectory(this.file, h.bitmaps, this.geometry.clusterSize);
+      if (entries.length > 0) d.bitmaps = bitmapInfoForQemu(entries);
+    }
+    d['refcount-bits'] = 1 << h.refcountOrder;
+    if (encrypt) d.encrypt = encrypt;
+    if (h.dataFile !== undefined) d['data-file'] = h.dataFile;
+    if (this.geometry.hasDataFile) d['data-file-raw'] = (h.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    d.corrupt = (h.incompatibleFeatures & C.INCOMPAT_CORRUPT) !== 0n;
+    d['extended-l2'] = this.geometry.extendedL2;
+    return d;
+  }
+
+  async flush(): Promise<void> {
+    if (this.file.writable) await this.file.flush();
+  }
+
+  async close(): Promise<void> {
+    await this.file.close().catch(() => undefined);
+    if (this.dataFile) await this.dataFile.close().catch(() => undefined);
+    if (this.backing) await this.backing.close();
+  }
+}
+
+function snapshotInfo(s: Qcow2Snapshot): SnapshotInfo {
+  const info: SnapshotInfo = {
+    id: s.id,
+    name: s.name,
+    vmStateSize: s.vmStateSize,
+    dateSec: s.dateSec,
+    dateNsec: s.dateNsec,
+    vmClockSec: Number(s.vmClockNsec / 1_000_000_000n),
+    vmClockNsec: Number(s.vmClockNsec % 1_000_000_000n),
+  };
+  if (s.icount !== -1n) info.icount = Number(s.icount);
+  return info;
+}
+
+async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage> {
+  const name = file.path;
+  const h = await readHeader(file);
+  const clusterSize = 2 ** h.clusterBits;
+  const metadataOnly = !!ctx.options.metadataOnly;
+
+  if (ctx.options.writable && h.incompatibleFeatures & C.INCOMPAT_CORRUPT) {
+    throw new QimgError('qcow2: Image is corrupt; cannot be opened read/write', { file: name });
+  }
+  if (!metadataOnly && h.cryptMethod !== C.CRYPT_NONE) {
+    throw new UnsupportedError(name, 'Encrypted qcow2 images cannot be read yet (qimg does not support qcow2 encryption)');
+  }
+  if (h.cryptMethod === C.CRYPT_LUKS && !h.crypto && !metadataOnly) {
+    throw new CorruptImageError(name, 'Missing CRYPTO header for crypt method 2');
+  }
+
+  const l1 = await file.readBytes(h.l1TableOffset, h.l1Size * 8);
+  const refcountTable = await file.readBytes(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  const snapshots = await readSnapshotTable(file, h.snapshotsOffset, h.nbSnapshots, h.version, h.size);
+
+  let dataFile: ImageFile | null = null;
+  let backing: BlockImage | null = null;
+  try {
+    if (!metadataOnly && h.incompatibleFeatures & C.INCOMPAT_DATA_FILE) {
+      if (h.dataFile === undefined) throw new QimgError("'data-file' is required for this image", { file: name });
+      dataFile = await openDataFile(h.dataFile, name, !!ctx.options.writable);
+    }
+    if (!metadataOnly && h.backingFile !== undefined) {
+      const format = h.backingFormat ?? (ctx.chain.length === 1 ? ctx.options.backingFormat : undefined);
+      backing = await ctx.openBacking(h.backingFile, format, name);
+    }
+  } catch (err) {
+    if (dataFile) await dataFile.close().catch(() => undefined);
+    throw err;
+  }
+  return new Qcow2Image(file, name, h, l1, refcountTable, snapshots, dataFile, backing);
+}
+
+/**
+ * The external data file: its name is taken relative to the image's directory; QEMU
+ * 7.2 used the working directory, so that is tried second for images made that way.
+ */
+async function openDataFile(dataName: string, imagePath: string, writable: boolean): Promise<ImageFile> {
+  const candidates = [resolveRelative(dataName, imagePath)];
+  if (!isAbsolute(dataName) && !candidates.includes(dataName)) candidates.push(dataName);
+  for (const path of candidates.slice(0, -1)) {
+    if (existsSync(path)) return ImageFile.open(path, { writable });
+  }
+  return ImageFile.open(candidates[candidates.length - 1], { writable });
+}
+
+export const qcow2Driver: FormatDriver = {
+  name: 'qcow2',
+  probe: (head) => probeQcow2(head),
+  createOptions: qcow2CreateOptions,
+  open: openQcow2,
+};

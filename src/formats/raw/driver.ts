@@ -1,0 +1,76 @@
+/**
+ * raw: the file is the disk. Block status comes from the file's holes
+ * (SEEK_DATA/SEEK_HOLE); the virtual size is the file size rounded up to 512 bytes.
+ */
+import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import type { FormatDriver } from '../../core/driver.js';
+import type { OpenContext } from '../../core/open.js';
+import type { OptionSpec } from '../../core/options.js';
+import type { ImageFile } from '../../io/file.js';
+import { alignUp } from '../../core/units.js';
+
+export const rawCreateOptions: readonly OptionSpec[] = [
+  { name: 'size', type: 'size', help: 'Virtual disk size' },
+  {
+    name: 'preallocation',
+    type: 'string',
+    help: 'Preallocation mode (allowed values: off, falloc, full)',
+    choices: ['off', 'falloc', 'full'],
+  },
+];
+
+export class RawImage implements BlockImage {
+  readonly format = 'raw';
+  readonly backing = null;
+  constructor(
+    readonly file: ImageFile,
+    readonly filename: string,
+  ) {}
+
+  get virtualSize(): number {
+    return alignUp(this.file.size, 512);
+  }
+
+  get readOnly(): boolean {
+    return !this.file.writable;
+  }
+
+  async read(offset: number, buf: Buffer): Promise<void> {
+    await this.file.read(buf, offset);
+  }
+
+  async layerStatus(offset: number, length: number): Promise<LayerStatus> {
+    const max = Math.min(length, this.virtualSize - offset);
+    const run = this.file.runAt(offset, max);
+    // Past the end of the file (the tail of the last sector) reads as a hole.
+    const len = run.length > 0 ? run.length : max;
+    return { length: len, data: run.data && run.length > 0, zero: !(run.data && run.length > 0), hostOffset: offset, file: this.filename };
+  }
+
+  async info(): Promise<ImageInfo> {
+    return {
+      filename: this.filename,
+      format: 'raw',
+      virtualSize: this.virtualSize,
+      actualSize: await this.file.allocatedSize(),
+      dirtyFlag: false,
+    };
+  }
+
+  async flush(): Promise<void> {
+    if (this.file.writable) await this.file.flush();
+  }
+
+  async close(): Promise<void> {
+    await this.file.close();
+  }
+}
+
+export const rawDriver: FormatDriver = {
+  name: 'raw',
+  probe: () => 1,
+  createOptions: rawCreateOptions,
+  async open(file: ImageFile, _ctx: OpenContext): Promise<BlockImage> {
+    return new RawImage(file, file.path);
+  },
+};

@@ -1,0 +1,49 @@
+/**
+ * `info`: image metadata, one image or the whole backing chain. Each layer is opened
+ * for metadata only (as qemu-img does), so a missing backing file does not stop a
+ * plain `info`, and an encrypted image or absent data file still shows.
+ */
+import { realpathSync } from 'node:fs';
+import { resolve } from 'node:path';
+import type { ImageInfo } from '../core/block-image.js';
+import { QimgError } from '../core/errors.js';
+import { MAX_CHAIN_DEPTH, openImage } from '../core/open.js';
+
+export async function imageInfo(filename: string, format?: string): Promise<ImageInfo> {
+  const img = await openImage(filename, { format, metadataOnly: true });
+  try {
+    return await img.info();
+  } finally {
+    await img.close();
+  }
+}
+
+/** Info for every layer, top first; loops and excessive depth are errors. */
+export async function chainInfo(filename: string, format?: string): Promise<ImageInfo[]> {
+  const out: ImageInfo[] = [];
+  const seen = new Set<string>();
+  let name: string | undefined = filename;
+  let fmt = format;
+  while (name !== undefined) {
+    let real: string;
+    try {
+      real = realpathSync(name);
+    } catch {
+      real = resolve(name);
+    }
+    if (seen.has(real)) throw new QimgError(`Backing file '${name}' creates an infinite loop.`);
+    if (out.length >= MAX_CHAIN_DEPTH) throw new QimgError(`Backing chain is deeper than ${MAX_CHAIN_DEPTH} images`);
+    seen.add(real);
+    let info: ImageInfo;
+    try {
+      info = await imageInfo(name, fmt);
+    } catch (err) {
+      if (out.length === 0 || !(err instanceof QimgError)) throw err;
+      throw new QimgError(err.message, { file: name, cause: err });
+    }
+    out.push(info);
+    name = info.fullBackingFilename ?? info.backingFilename;
+    fmt = info.backingFilenameFormat;
+  }
+  return out;
+}
