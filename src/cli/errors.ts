@@ -3,7 +3,7 @@ import { QimgError, describeSystemError } from '../core/errors.js';
 
 export function formatError(err: unknown, fallbackFile?: string): { line: string; code: number } {
   if (err instanceof QimgError) {
-    const file = err.file ?? fallbackFile;
+    const file = err.file ?? (err instanceof UsageError ? undefined : fallbackFile);
     return { line: file && !err.message.includes(`'${file}'`) ? `qimg: ${file}: ${err.message}` : `qimg: ${err.message}`, code: err.exitCode };
   }
   const msg = describeSystemError(err);

@@ -103,15 +103,14 @@ function convertValue(spec: OptionSpec, val: string): OptionValue {
   }
 }
 
-/** The text `-o help` prints: one line per option, as qemu-img lists them. */
+/** The text `-o help` prints, in qemu-img's layout (options sorted by name). */
 export function formatOptionHelp(format: string, schema: readonly OptionSpec[]): string {
-  const lines = [`${format} options:`];
-  const sorted = [...schema].sort((a, b) => a.name.localeCompare(b.name));
+  const lines = [`Supported ${format} options:`];
+  const sorted = [...schema].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   const typeName: Record<OptionType, string> = { string: 'str', size: 'size', bool: 'bool (on/off)', number: 'num' };
   for (const o of sorted) {
-    const head = `  ${o.name}=<${typeName[o.type]}>`;
-    const def = o.default !== undefined ? ` (default: ${o.default})` : '';
-    lines.push(`${head.padEnd(26)} - ${o.help}${def}`);
+    lines.push(`  ${`${o.name}=<${typeName[o.type]}>`.padEnd(22)} - ${o.help}`);
   }
+  lines.push('', 'The protocol level may support further options.', 'Specify the target filename to include those options.');
   return lines.join('\n') + '\n';
 }

@@ -8,10 +8,13 @@ import { constants } from 'node:fs';
 import type { BlockImage } from '../core/block-image.js';
 import { extents } from '../core/block-status.js';
 import { QimgError, describeSystemError } from '../core/errors.js';
+import { allocateFile } from '../io/allocate.js';
 
 export interface ConvertOptions {
   /** minimum zero run (bytes) left as a hole; 0 = allocate everything */
   sparseSize: number;
+  /** raw target preallocation: falloc reserves blocks, full writes zeros */
+  preallocation?: 'off' | 'falloc' | 'full';
 }
 
 const CHUNK = 2 * 1024 * 1024;
@@ -32,6 +35,7 @@ export async function convertToRaw(sources: BlockImage[], output: string, opts: 
   }
   try {
     if (!isDevice) await handle.truncate(total);
+    if (!isDevice && opts.preallocation === 'falloc') await allocateFile(handle.fd, total);
     const zeroBlock = opts.sparseSize > 0 ? Buffer.alloc(opts.sparseSize) : null;
     const buf = Buffer.allocUnsafe(CHUNK);
     const zeros = Buffer.alloc(CHUNK);
@@ -43,8 +47,8 @@ export async function convertToRaw(sources: BlockImage[], output: string, opts: 
           if (e.kind === 'data') {
             const chunk = buf.subarray(0, n);
             await src.read(pos, chunk);
-            await writeNonZero(handle, chunk, base + pos, zeroBlock);
-          } else if (!zeroBlock || isDevice) {
+            await writeNonZero(handle, chunk, base + pos, opts.preallocation === 'full' ? null : zeroBlock);
+          } else if (!zeroBlock || isDevice || opts.preallocation === 'full') {
             // -S 0 allocates everything; a device must really be zeroed.
             await writeAll(handle, zeros.subarray(0, n), base + pos);
           }

@@ -16,3 +16,8 @@ export function writeOut(text: string): Promise<void> {
     process.stdout.write(text, (err) => (err ? reject(err) : resolve()));
   });
 }
+
+/** commander accumulator for repeatable options such as -o. */
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}

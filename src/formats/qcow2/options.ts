@@ -3,7 +3,7 @@ import type { OptionSpec } from '../../core/options.js';
 
 export const qcow2CreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
-  { name: 'compat', type: 'string', help: 'qcow2 compatibility level (v2 [0.10] or v3 [1.1])', choices: ['0.10', '1.1', 'v2', 'v3'] },
+  { name: 'compat', type: 'string', help: 'Compatibility level (v2 [0.10] or v3 [1.1])', choices: ['0.10', '1.1', 'v2', 'v3'] },
   { name: 'backing_file', type: 'string', help: 'File name of a base image' },
   { name: 'backing_fmt', type: 'string', help: 'Image format of the base image' },
   { name: 'data_file', type: 'string', help: 'File name of an external data file' },
