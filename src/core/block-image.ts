@@ -82,6 +82,12 @@ export interface BlockImage {
 
   /** Fills `buf` with guest data from `offset`, resolving through the backing chain. */
   read(offset: number, buf: Buffer): Promise<void>;
+  /** Writes guest data at `offset` (the image must be open read-write). */
+  write(offset: number, data: Buffer): Promise<void>;
+  /** Makes a range read as zeros; `mayUnmap` allows releasing its storage. */
+  writeZeroes(offset: number, length: number, opts?: { mayUnmap?: boolean }): Promise<void>;
+  /** Drops a range's content (it may read as zeros or from the backing file afterwards). */
+  discard(offset: number, length: number): Promise<void>;
   /** This layer's own status at `offset` (at most `length` bytes; offset < virtualSize). */
   layerStatus(offset: number, length: number): Promise<LayerStatus>;
   /** Data the `info` command prints. */

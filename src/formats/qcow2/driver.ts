@@ -14,9 +14,14 @@ import * as C from './constants.js';
 import { decompressCluster, DecompressError } from './compress.js';
 import { lookupRun, l2OffsetFromL1, Sub, type Geometry, type Run } from './entries.js';
 import { probeQcow2, readHeader, type Qcow2Header } from './header.js';
-import { RefcountReader } from './refcount.js';
+import { Refcounts } from './refcount.js';
+import { ClusterWriter } from './cluster.js';
+import { extentAt } from '../../core/block-status.js';
+import type { Extent } from '../../core/block-image.js';
+import { Mutex } from '../../core/mutex.js';
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
 import { TableCache } from './table-cache.js';
+import { writeU64 } from '../../core/units.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
 import { readLuksInfo } from './luks.js';
 import { qcow2CreateOptions } from './options.js';
@@ -30,7 +35,14 @@ export class Qcow2Image implements BlockImage {
   private readonly l2Cache: TableCache;
   private compressedCache: { hostOffset: number; data: Buffer } | null = null;
   private metadataPrealloc: boolean | undefined;
-  private refcounts_: RefcountReader | null = null;
+  private refcounts_: Refcounts | null = null;
+  private readonly l1Dirty = new Set<number>();
+  private readonly writer = new ClusterWriter(this);
+  private readonly lock = new Mutex();
+  /** set once the first modification prepared the header (dirty bit, autoclear bits) */
+  private modified = false;
+  /** skip fsync barriers (convert's target, like qemu-img's cache=unsafe) */
+  unsafeCache = false;
 
   constructor(
     readonly file: ImageFile,
@@ -56,7 +68,18 @@ export class Qcow2Image implements BlockImage {
       hasDataFile: (header.incompatibleFeatures & C.INCOMPAT_DATA_FILE) !== 0n,
     };
     const tables = Math.max(16, Math.floor(L2_CACHE_BYTES / clusterSize));
-    this.l2Cache = new TableCache(tables, (off) => file.readBytes(off, clusterSize));
+    this.l2Cache = new TableCache(
+      tables,
+      (off) => file.readBytes(off, clusterSize),
+      // An L2 table may reach the disk only after the refcounts it relies on.
+      async (off, buf) => {
+        if (!this.lazyRefcounts) {
+          await this.refcounts.flush();
+          await this.sync();
+        }
+        await this.file.write(buf, off);
+      },
+    );
   }
 
   get virtualSize(): number {
@@ -67,9 +90,181 @@ export class Qcow2Image implements BlockImage {
     return !this.file.writable;
   }
 
-  get refcounts(): RefcountReader {
-    this.refcounts_ ??= new RefcountReader(this.file, this.refcountTable, this.geometry.clusterSize, this.header.refcountOrder);
+  get refcounts(): Refcounts {
+    this.refcounts_ ??= new Refcounts(
+      this.file,
+      this.refcountTable,
+      {
+        tableOffset: this.header.refcountTableOffset,
+        tableClusters: this.header.refcountTableClusters,
+        clusterSize: this.geometry.clusterSize,
+        refcountOrder: this.header.refcountOrder,
+      },
+      async (offset, clusters) => {
+        const buf = Buffer.alloc(12);
+        writeU64(buf, 0, offset);
+        buf.writeUInt32BE(clusters, 8);
+        await this.file.write(buf, 48);
+        this.header.refcountTableOffset = offset;
+        this.header.refcountTableClusters = clusters;
+        await this.sync();
+      },
+      () => this.sync(),
+    );
     return this.refcounts_;
+  }
+
+  get lazyRefcounts(): boolean {
+    return (this.header.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
+  }
+
+  /** Where guest data lives: the external data file, or the image itself. */
+  get dataTarget(): ImageFile {
+    return this.dataFile ?? this.file;
+  }
+
+  get dataFileRaw(): boolean {
+    return (this.header.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+  }
+
+  /** Chain-resolved status at `offset` (used by zero writes to skip what reads zero). */
+  extentAt(offset: number, length: number): Promise<Extent> {
+    return extentAt(this, offset, length);
+  }
+
+  hasL2(l1Index: number): boolean {
+    return l1Index < this.header.l1Size && l2OffsetFromL1(this.l1, l1Index, this.geometry, this.filename) !== 0;
+  }
+
+  /** The L2 table for `l1Index`, made writable: allocated, or copied when shared. */
+  async l2ForWrite(l1Index: number): Promise<{ offset: number; table: Buffer }> {
+    const g = this.geometry;
+    if (l1Index >= this.header.l1Size) {
+      throw new QimgError(`write beyond the L1 table (index ${l1Index})`, { file: this.filename });
+    }
+    const current = l2OffsetFromL1(this.l1, l1Index, g, this.filename);
+    const copied = (this.l1.readUInt32BE(l1Index * 8) & 0x80000000) !== 0;
+    if (current !== 0 && copied) return { offset: current, table: await this.l2Cache.get(current) };
+    const offset = await this.refcounts.allocate(1);
+    let table: Buffer;
+    if (current === 0) {
+      table = Buffer.alloc(g.clusterSize);
+    } else {
+      // Shared with a snapshot: this layer gets its own copy; the data clusters keep
+      // their counts (now referenced by both tables).
+      table = Buffer.from(await this.l2Cache.get(current));
+      this.refcounts.free(current);
+    }
+    await this.l2Cache.add(offset, table);
+    this.l1.writeUInt32BE((Math.floor(offset / 0x100000000) | 0x80000000) >>> 0, l1Index * 8);
+    this.l1.writeUInt32BE(offset % 0x100000000, l1Index * 8 + 4);
+    this.l1Dirty.add(l1Index);
+    return { offset, table };
+  }
+
+  markL2Dirty(slot: { offset: number; table: Buffer }): void {
+    this.l2Cache.markDirty(slot.offset, slot.table);
+  }
+
+  private assertWritable(offset: number, length: number): void {
+    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
+    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
+    }
+  }
+
+  /**
+   * Before the first change: mark the image dirty when refcounts are lazy, and clear
+   * autoclear bits qimg does not maintain (bitmaps would silently go stale).
+   */
+  private async beginModification(): Promise<void> {
+    if (this.modified) return;
+    this.modified = true;
+    const h = this.header;
+    let changed = false;
+    const keepAutoclear = C.AUTOCLEAR_DATA_FILE_RAW;
+    if ((h.autoclearFeatures & ~keepAutoclear) !== 0n) {
+      h.autoclearFeatures &= keepAutoclear;
+      changed = true;
+    }
+    if (this.lazyRefcounts && !(h.incompatibleFeatures & C.INCOMPAT_DIRTY)) {
+      h.incompatibleFeatures |= C.INCOMPAT_DIRTY;
+      changed = true;
+    }
+    if (changed && h.version >= 3) {
+      const buf = Buffer.alloc(24);
+      buf.writeBigUInt64BE(h.incompatibleFeatures, 0);
+      buf.writeBigUInt64BE(h.compatibleFeatures, 8);
+      buf.writeBigUInt64BE(h.autoclearFeatures, 16);
+      await this.file.write(buf, 72);
+      await this.sync();
+    }
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    this.assertWritable(offset, data.length);
+    if (data.length === 0) return;
+    await this.lock.run(async () => {
+      await this.beginModification();
+      this.compressedCache = null;
+      await this.writer.write(offset, data);
+    });
+  }
+
+  async writeZeroes(offset: number, length: number, opts: { mayUnmap?: boolean } = {}): Promise<void> {
+    this.assertWritable(offset, length);
+    if (length === 0) return;
+    await this.lock.run(async () => {
+      await this.beginModification();
+      this.compressedCache = null;
+      await this.writer.writeZeroes(offset, length, !!opts.mayUnmap);
+    });
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.assertWritable(offset, length);
+    if (length === 0) return;
+    await this.lock.run(async () => {
+      await this.beginModification();
+      this.compressedCache = null;
+      await this.writer.discard(offset, length);
+    });
+  }
+
+  /** fdatasync of the image (and data file), unless the cache mode is unsafe. */
+  async sync(): Promise<void> {
+    if (this.unsafeCache || !this.file.writable) return;
+    if (this.dataFile) await this.dataFile.flush();
+    await this.file.flush();
+  }
+
+  /**
+   * Ordered write-back: refcounts, then L2 tables, then L1 entries, each made durable
+   * before the next; references dropped are released only after that.
+   */
+  private async flushMetadata(final: boolean): Promise<void> {
+    if (!this.modified) return;
+    if (this.dataFile) await this.sync();
+    if (!this.lazyRefcounts || final) {
+      await this.refcounts.flush();
+      await this.sync();
+    }
+    await this.l2Cache.flush();
+    if (this.l1Dirty.size > 0) {
+      await this.sync();
+      for (const i of [...this.l1Dirty].sort((a, b) => a - b)) {
+        await this.file.write(this.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8);
+      }
+      this.l1Dirty.clear();
+    }
+    await this.sync();
+    if (this.refcounts.hasPendingFrees) {
+      await this.refcounts.applyFrees();
+      if (!this.lazyRefcounts || final) {
+        await this.refcounts.flush();
+        await this.sync();
+      }
+    }
   }
 
   /** The run of this layer's mapping at guest offset `offset`. */
@@ -134,7 +329,7 @@ export class Qcow2Image implements BlockImage {
       let allocated = 0;
       for (let i = 0; i < nbClusters; i++) {
         const rc = await this.refcounts.get(i);
-        if (rc !== 0 && rc !== 0n && ++allocated > threshold) {
+        if (rc !== 0 && ++allocated > threshold) {
           this.metadataPrealloc = true;
           break;
         }
@@ -254,13 +449,36 @@ export class Qcow2Image implements BlockImage {
   }
 
   async flush(): Promise<void> {
-    if (this.file.writable) await this.file.flush();
+    if (!this.file.writable) return;
+    await this.lock.run(() => this.flushMetadata(false));
   }
 
+  /** Flushes everything; a lazy-refcount image is marked clean again. */
   async close(): Promise<void> {
+    let failure: unknown;
+    if (this.file.writable && this.modified) {
+      try {
+        await this.lock.run(async () => {
+          await this.flushMetadata(true);
+          const h = this.header;
+          if (this.lazyRefcounts && h.incompatibleFeatures & C.INCOMPAT_DIRTY) {
+            h.incompatibleFeatures &= ~C.INCOMPAT_DIRTY;
+            const buf = Buffer.alloc(8);
+            buf.writeBigUInt64BE(h.incompatibleFeatures, 0);
+            await this.file.write(buf, 72);
+          }
+          // A close is a durability point even with the unsafe cache mode.
+          if (this.dataFile) await this.dataFile.flush();
+          await this.file.flush();
+        });
+      } catch (err) {
+        failure = err;
+      }
+    }
     await this.file.close().catch(() => undefined);
     if (this.dataFile) await this.dataFile.close().catch(() => undefined);
     if (this.backing) await this.backing.close();
+    if (failure) throw failure;
   }
 }
 

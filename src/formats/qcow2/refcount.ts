@@ -1,53 +1,28 @@
 /**
- * Reading reference counts: the refcount table and refcount blocks of any entry width
- * (1 to 64 bits). The writer issue adds the allocator on top of this.
+ * Reference counts: the refcount table and refcount blocks of any entry width (1 to
+ * 64 bits), read and written; the cluster allocator (free-cluster hint, self-describing
+ * refcount blocks, growth of the refcount table); deferred frees.
+ *
+ * Ordering rules this module keeps (DESIGN.md "qcow2 writes and crash safety"):
+ * - raised refcounts may reach the disk at any time (a crash then only leaks);
+ * - lowered refcounts are held back (`free` queues them) until the caller has made
+ *   the L2/L1 entries that dropped the reference durable, then `applyFrees` runs;
+ * - a moved refcount table is written, then the header is switched, then the old
+ *   table is freed.
  */
-import { CorruptImageError } from '../../core/errors.js';
+import { CorruptImageError, QimgError } from '../../core/errors.js';
 import type { ImageFile } from '../../io/file.js';
 import { TableCache } from './table-cache.js';
 
-export class RefcountReader {
-  readonly bits: number;
-  /** refcount entries per refcount block */
-  readonly blockEntries: number;
-  private readonly blocks: TableCache;
-
-  constructor(
-    private readonly file: ImageFile,
-    private readonly table: Buffer,
-    private readonly clusterSize: number,
-    refcountOrder: number,
-  ) {
-    this.bits = 1 << refcountOrder;
-    this.blockEntries = (clusterSize * 8) / this.bits;
-    this.blocks = new TableCache(32, (off) => file.readBytes(off, clusterSize));
-  }
-
-  /** Refcount of host cluster `cluster` (0 when no refcount block covers it). */
-  async get(cluster: number): Promise<bigint | number> {
-    const tableIndex = Math.floor(cluster / this.blockEntries);
-    if (tableIndex * 8 >= this.table.length) return 0;
-    const hi = this.table.readUInt32BE(tableIndex * 8);
-    const lo = this.table.readUInt32BE(tableIndex * 8 + 4);
-    if (hi >= 0x200000) throw new CorruptImageError(this.file.path, `Refcount block offset beyond 2^53 (reftable index: 0x${tableIndex.toString(16)})`);
-    const blockOffset = hi * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
-    if (blockOffset === 0) return 0;
-    if (blockOffset % this.clusterSize !== 0) {
-      throw new CorruptImageError(
-        this.file.path,
-        `Image is corrupt: Refblock offset 0x${blockOffset.toString(16)} unaligned (reftable index: 0x${tableIndex.toString(16)})`,
-      );
-    }
-    const block = await this.blocks.get(blockOffset);
-    return readRefcountEntry(block, cluster % this.blockEntries, this.bits);
-  }
-}
-
 /** Entry `i` of a refcount block with `bits`-wide entries (sub-byte widths: bit 0 = LSB). */
-export function readRefcountEntry(block: Buffer, i: number, bits: number): number | bigint {
+export function readRefcountEntry(block: Buffer, i: number, bits: number): number {
   switch (bits) {
-    case 64:
-      return block.readBigUInt64BE(i * 8);
+    case 64: {
+      const hi = block.readUInt32BE(i * 8);
+      const lo = block.readUInt32BE(i * 8 + 4);
+      // Counts beyond 2^53 cannot be real: saturate instead of losing precision.
+      return hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + lo;
+    }
     case 32:
       return block.readUInt32BE(i * 4);
     case 16:
@@ -60,5 +35,291 @@ export function readRefcountEntry(block: Buffer, i: number, bits: number): numbe
       const shift = (i % perByte) * bits;
       return (byte >> shift) & ((1 << bits) - 1);
     }
+  }
+}
+
+export function writeRefcountEntry(block: Buffer, i: number, bits: number, value: number): void {
+  switch (bits) {
+    case 64:
+      block.writeUInt32BE(Math.floor(value / 0x100000000), i * 8);
+      block.writeUInt32BE(value % 0x100000000, i * 8 + 4);
+      return;
+    case 32:
+      block.writeUInt32BE(value, i * 4);
+      return;
+    case 16:
+      block.writeUInt16BE(value, i * 2);
+      return;
+    case 8:
+      block[i] = value;
+      return;
+    default: {
+      const perByte = 8 / bits;
+      const pos = Math.floor(i / perByte);
+      const shift = (i % perByte) * bits;
+      const mask = ((1 << bits) - 1) << shift;
+      block[pos] = (block[pos] & ~mask) | ((value << shift) & mask);
+    }
+  }
+}
+
+export interface RefcountLayout {
+  tableOffset: number;
+  tableClusters: number;
+  clusterSize: number;
+  refcountOrder: number;
+}
+
+export class Refcounts {
+  readonly bits: number;
+  /** refcount entries per refcount block */
+  readonly blockEntries: number;
+  readonly maxRefcount: number;
+  readonly clusterSize: number;
+  private table: Buffer;
+  private tableOffset: number;
+  private tableClusters: number;
+  private readonly blocks: TableCache;
+  private readonly dirtyTableEntries = new Set<number>();
+  /** on-disk table to free once the header points at the moved one */
+  private moved: { oldOffset: number; oldClusters: number } | null = null;
+  private readonly pendingFrees = new Map<number, number>();
+  private freeHint = 0;
+
+  /**
+   * @param onTableMoved writes the header's refcount_table_offset/clusters (durably)
+   */
+  constructor(
+    private readonly file: ImageFile,
+    table: Buffer,
+    layout: RefcountLayout,
+    private readonly onTableMoved?: (offset: number, clusters: number) => Promise<void>,
+    private readonly sync?: () => Promise<void>,
+  ) {
+    this.table = table;
+    this.tableOffset = layout.tableOffset;
+    this.tableClusters = layout.tableClusters;
+    this.clusterSize = layout.clusterSize;
+    this.bits = 1 << layout.refcountOrder;
+    this.blockEntries = (layout.clusterSize * 8) / this.bits;
+    this.maxRefcount = this.bits === 64 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
+    this.blocks = new TableCache(256, (off) => file.readBytes(off, this.clusterSize), (off, buf) => this.file.write(buf, off));
+  }
+
+  get tableEntries(): number {
+    return this.table.length / 8;
+  }
+
+  /** Host offset of refcount block `index` (0 = none), validated. */
+  blockOffset(index: number): number {
+    if (index >= this.tableEntries) return 0;
+    const hi = this.table.readUInt32BE(index * 8);
+    const lo = this.table.readUInt32BE(index * 8 + 4);
+    if (hi >= 0x200000) {
+      throw new CorruptImageError(this.file.path, `Image is corrupt: refcount block offset beyond 2^53 (reftable index: 0x${index.toString(16)})`);
+    }
+    const off = hi * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
+    if (off % this.clusterSize !== 0) {
+      throw new CorruptImageError(
+        this.file.path,
+        `Image is corrupt: Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${index.toString(16)})`,
+      );
+    }
+    return off;
+  }
+
+  /** Refcount of host cluster `cluster`. */
+  async get(cluster: number): Promise<number> {
+    const off = this.blockOffset(Math.floor(cluster / this.blockEntries));
+    if (off === 0) return 0;
+    const block = await this.blocks.get(off);
+    return readRefcountEntry(block, cluster % this.blockEntries, this.bits);
+  }
+
+  /** Sets the refcount of `cluster`, creating its refcount block when needed. */
+  async set(cluster: number, value: number): Promise<void> {
+    if (value > this.maxRefcount || value < 0) {
+      throw new QimgError(`refcount overflow: ${value} does not fit in ${this.bits}-bit refcounts`, { file: this.file.path });
+    }
+    const index = Math.floor(cluster / this.blockEntries);
+    let off = this.blockOffset(index);
+    if (off === 0) {
+      if (value === 0) return;
+      off = await this.createBlock(index, cluster);
+    }
+    const block = await this.blocks.get(off);
+    writeRefcountEntry(block, cluster % this.blockEntries, this.bits, value);
+    this.blocks.markDirty(off, block);
+    if (value === 0 && cluster < this.freeHint) this.freeHint = cluster;
+  }
+
+  /** Adds `delta` (may be negative, applied at once: only for clusters nothing references yet). */
+  async add(cluster: number, delta: number): Promise<void> {
+    await this.set(cluster, (await this.get(cluster)) + delta);
+  }
+
+  /**
+   * A new refcount block for table index `index`, placed inside the range it covers so
+   * that it describes itself. `avoid` is a cluster the caller is about to use.
+   */
+  private async createBlock(index: number, avoid: number): Promise<number> {
+    if (index >= this.tableEntries) await this.growTable(index + 1);
+    const first = index * this.blockEntries;
+    // No block yet means every cluster of the range is free; skip the one being set.
+    const at = first === avoid ? first + 1 : first;
+    const off = at * this.clusterSize;
+    const block = Buffer.alloc(this.clusterSize);
+    writeRefcountEntry(block, at - first, this.bits, 1);
+    await this.blocks.add(off, block);
+    this.setTableEntry(index, off);
+    return off;
+  }
+
+  private setTableEntry(index: number, offset: number): void {
+    this.table.writeUInt32BE(Math.floor(offset / 0x100000000), index * 8);
+    this.table.writeUInt32BE(offset % 0x100000000, index * 8 + 4);
+    this.dirtyTableEntries.add(index);
+  }
+
+  /**
+   * Grows the in-memory table to at least `entries`; it is written to newly allocated
+   * clusters at the next flush, and the header switched to it then.
+   */
+  private async growTable(entries: number): Promise<void> {
+    const perCluster = this.clusterSize / 8;
+    const clusters = Math.max(Math.ceil(entries / perCluster), Math.ceil((this.tableClusters * 3) / 2), this.tableClusters + 1);
+    const bigger = Buffer.alloc(clusters * this.clusterSize);
+    this.table.copy(bigger);
+    this.table = bigger;
+    if (!this.moved) this.moved = { oldOffset: this.tableOffset, oldClusters: this.tableClusters };
+    else {
+      // A table grown twice before a flush: the intermediate one was never on disk.
+      await this.releaseNow(this.tableOffset, this.tableClusters);
+    }
+    this.tableClusters = clusters;
+    this.tableOffset = await this.allocate(clusters);
+  }
+
+  /** Frees clusters that nothing on disk references (refcount lowered at once). */
+  private async releaseNow(offset: number, clusters: number): Promise<void> {
+    const first = offset / this.clusterSize;
+    for (let c = first; c < first + clusters; c++) await this.set(c, Math.max(0, (await this.get(c)) - 1));
+  }
+
+  /** Index of the first of `n` consecutive free clusters at or after `from`. */
+  private async findFree(n: number, from: number): Promise<number> {
+    let start = from;
+    let run = 0;
+    let c = from;
+    for (;;) {
+      const index = Math.floor(c / this.blockEntries);
+      const off = this.blockOffset(index);
+      const end = (index + 1) * this.blockEntries;
+      if (off === 0) {
+        // A whole range without a block is free.
+        if (run === 0) start = c;
+        run += end - c;
+        if (run >= n) return start;
+        c = end;
+        continue;
+      }
+      const block = await this.blocks.get(off);
+      for (; c < end; c++) {
+        if (readRefcountEntry(block, c % this.blockEntries, this.bits) === 0) {
+          if (run === 0) start = c;
+          if (++run >= n) return start;
+        } else {
+          run = 0;
+        }
+      }
+    }
+  }
+
+  /** Allocates `n` contiguous clusters with refcount 1; returns the host offset. */
+  async allocate(n: number): Promise<number> {
+    for (;;) {
+      const start = await this.findFree(n, this.freeHint);
+      // Every range the run touches needs a refcount block; creating one takes a
+      // cluster of the range, so search again afterwards.
+      let created = false;
+      const lastIndex = Math.floor((start + n - 1) / this.blockEntries);
+      for (let index = Math.floor(start / this.blockEntries); index <= lastIndex; index++) {
+        if (this.blockOffset(index) === 0) {
+          await this.createBlock(index, -1);
+          created = true;
+        }
+      }
+      if (created) continue;
+      for (let c = start; c < start + n; c++) await this.set(c, 1);
+      this.freeHint = start + n;
+      return start * this.clusterSize;
+    }
+  }
+
+  /** Queues one reference of each cluster in [offset, offset+length) for release. */
+  free(offset: number, length = this.clusterSize): void {
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.floor((offset + length - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) this.pendingFrees.set(c, (this.pendingFrees.get(c) ?? 0) + 1);
+  }
+
+  get hasPendingFrees(): boolean {
+    return this.pendingFrees.size > 0;
+  }
+
+  /** Lowers the queued refcounts: call only once the dropped references are durable. */
+  async applyFrees(): Promise<void> {
+    const frees = [...this.pendingFrees];
+    this.pendingFrees.clear();
+    for (const [c, n] of frees) {
+      const rc = await this.get(c);
+      if (rc < n) {
+        throw new CorruptImageError(this.file.path, `Image is corrupt: refcount of cluster ${c} would drop below zero`);
+      }
+      await this.set(c, rc - n);
+    }
+  }
+
+  /** True when refcount blocks or table entries wait to be written. */
+  get dirty(): boolean {
+    return this.blocks.dirtyCount > 0 || this.dirtyTableEntries.size > 0 || this.moved !== null;
+  }
+
+  /**
+   * Writes refcount blocks, then the table (moved tables: write, sync, switch the
+   * header, then free the old one).
+   */
+  async flush(): Promise<void> {
+    await this.blocks.flush();
+    if (this.moved) {
+      const { oldOffset, oldClusters } = this.moved;
+      await this.file.write(this.table, this.tableOffset);
+      await this.sync?.();
+      await this.onTableMoved?.(this.tableOffset, this.tableClusters);
+      this.moved = null;
+      this.dirtyTableEntries.clear();
+      await this.releaseNow(oldOffset, oldClusters);
+      await this.blocks.flush();
+      return;
+    }
+    if (this.dirtyTableEntries.size > 0) {
+      for (const index of [...this.dirtyTableEntries].sort((a, b) => a - b)) {
+        await this.file.write(this.table.subarray(index * 8, index * 8 + 8), this.tableOffset + index * 8);
+      }
+      this.dirtyTableEntries.clear();
+    }
+  }
+
+  /** The refcount table as it currently stands (for check and amend). */
+  get tableBuffer(): Buffer {
+    return this.table;
+  }
+
+  get currentTableOffset(): number {
+    return this.tableOffset;
+  }
+
+  get currentTableClusters(): number {
+    return this.tableClusters;
   }
 }

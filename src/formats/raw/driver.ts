@@ -8,6 +8,8 @@ import type { OpenContext } from '../../core/open.js';
 import type { OptionSpec } from '../../core/options.js';
 import type { ImageFile } from '../../io/file.js';
 import { alignUp } from '../../core/units.js';
+import { QimgError } from '../../core/errors.js';
+import { zeroFileRange } from '../../io/allocate.js';
 
 export const rawCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -45,6 +47,33 @@ export class RawImage implements BlockImage {
     // Past the end of the file (the tail of the last sector) reads as a hole.
     const len = run.length > 0 ? run.length : max;
     return { length: len, data: run.data && run.length > 0, zero: !(run.data && run.length > 0), hostOffset: offset, file: this.filename };
+  }
+
+  private checkWrite(offset: number, length: number): void {
+    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
+    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
+    }
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    this.checkWrite(offset, data.length);
+    await this.file.write(data, offset);
+  }
+
+  async writeZeroes(offset: number, length: number, opts: { mayUnmap?: boolean } = {}): Promise<void> {
+    this.checkWrite(offset, length);
+    if (await zeroFileRange(this.file, offset, length, !!opts.mayUnmap)) return;
+    const chunk = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
+    for (let pos = offset; pos < offset + length; pos += chunk.length) {
+      await this.file.write(chunk.subarray(0, Math.min(chunk.length, offset + length - pos)), pos);
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkWrite(offset, length);
+    // Discard is advisory; a hole reads as zeros, which is what raw users expect.
+    await zeroFileRange(this.file, offset, length, true);
   }
 
   async info(): Promise<ImageInfo> {
