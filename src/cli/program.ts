@@ -1,6 +1,7 @@
 /** The commander program: global options and one subcommand per module. */
 import { Command, CommanderError } from 'commander';
 import { registerConvert } from './commands/convert.js';
+import { registerCreate } from './commands/create.js';
 import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
 import { reportError } from './errors.js';
@@ -34,6 +35,7 @@ export function buildProgram(result: RunResult): Command {
     }
   };
 
+  registerCreate(program, run);
   registerInfo(program, run);
   registerMap(program, run);
   registerConvert(program, run);

@@ -4,7 +4,7 @@
  * format without importing that format.
  */
 import type { BlockImage } from './block-image.js';
-import type { OptionSpec } from './options.js';
+import type { OptionSpec, OptionValue, ParsedOptions } from './options.js';
 import type { ImageFile } from '../io/file.js';
 import type { OpenContext } from './open.js';
 
@@ -16,6 +16,13 @@ export interface FormatDriver {
   open(file: ImageFile, ctx: OpenContext): Promise<BlockImage>;
   /** Options `create`/`convert -o` accept for this format. */
   readonly createOptions: readonly OptionSpec[];
+  /**
+   * The options part of create's "Formatting '...'" line, as qemu-img prints it
+   * (fixed order, numbers normalised, strings as given).
+   */
+  describeCreate(size: bigint, options: ParsedOptions): string;
+  /** Validates options (qemu-img's messages) and creates the image; size in bytes. */
+  create(path: string, size: number, options: Map<string, OptionValue>): Promise<void>;
 }
 
 const drivers: FormatDriver[] = [];

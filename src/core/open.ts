@@ -25,6 +25,8 @@ export interface OpenOptions {
    * guest data reads, as qemu's "no I/O" opens
    */
   metadataOnly?: boolean;
+  /** do not open the backing file (writes that never read through it: preallocation) */
+  noBacking?: boolean;
   /** format of the backing file when the image does not record one */
   backingFormat?: string;
 }

@@ -11,6 +11,7 @@
 import { CorruptImageError } from '../../core/errors.js';
 import { compressedDescriptor, decodeCluster, lookupRun, Sub } from './entries.js';
 import type { Qcow2Image } from './driver.js';
+import { allocateFile } from '../../io/allocate.js';
 
 const COPIED = 0x80000000;
 const COMPRESSED = 0x40000000;
@@ -383,5 +384,43 @@ export class ClusterWriter {
       pos = upto;
     }
   }
-}
 
+  /**
+   * Allocates every cluster of the image (preallocation=metadata|falloc|full): L2
+   * tables and data clusters, with falloc reserving and full zeroing the data space.
+   * With extended L2 the subclusters stay unallocated (as QEMU does), so a backing
+   * file still shows through and the rest reads as zeros.
+   */
+  async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+    const g = this.g;
+    const cs = g.clusterSize;
+    const span = cs * g.l2Entries;
+    const size = this.img.virtualSize;
+    let end = 0;
+    // All L2 tables first, then the data: the data clusters then lie in one run.
+    const slots = [];
+    for (let l1Index = 0; l1Index * span < size; l1Index++) slots.push(await this.img.l2ForWrite(l1Index));
+    for (let l1Index = 0; l1Index < slots.length; l1Index++) {
+      const slot = slots[l1Index];
+      const first = l1Index * span;
+      const n = Math.min(g.l2Entries, Math.ceil((size - first) / cs));
+      const host = await this.allocateData(first, n);
+      for (let k = 0; k < n; k++) {
+        const e = { ...hostEntry(host + k * cs, true), zeroBits: 0, allocBits: 0 };
+        storeEntry(slot.table, k, g.extendedL2, e);
+      }
+      this.img.markL2Dirty(slot);
+      const length = g.hasDataFile ? Math.min(n * cs, size - first) : n * cs;
+      if (mode === 'falloc') await allocateFile(this.img.dataTarget.fd, host + length, host);
+      if (mode === 'full') {
+        const zeros = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
+        for (let p = 0; p < length; p += zeros.length) {
+          await this.img.dataTarget.write(zeros.subarray(0, Math.min(zeros.length, length - p)), host + p);
+        }
+      }
+      end = Math.max(end, host + length);
+    }
+    // Metadata preallocation still makes the file as long as the data it maps.
+    if (this.img.dataTarget.size < end) await this.img.dataTarget.truncate(end);
+  }
+}

@@ -25,6 +25,7 @@ import { writeU64 } from '../../core/units.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
 import { readLuksInfo } from './luks.js';
 import { qcow2CreateOptions } from './options.js';
+import { createQcow2, describeQcow2Create, qcow2SpecFromOptions } from './create.js';
 
 /** L2 cache budget: enough tables to map 256 GiB with 64 KiB clusters (QEMU's default max 32 MiB). */
 const L2_CACHE_BYTES = 32 * 1024 * 1024;
@@ -228,6 +229,15 @@ export class Qcow2Image implements BlockImage {
       await this.beginModification();
       this.compressedCache = null;
       await this.writer.discard(offset, length);
+    });
+  }
+
+  /** Allocates every cluster (create's preallocation modes). */
+  async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
+    await this.lock.run(async () => {
+      await this.beginModification();
+      await this.writer.preallocate(mode);
     });
   }
 
@@ -523,7 +533,7 @@ async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage>
       if (h.dataFile === undefined) throw new QimgError("'data-file' is required for this image", { file: name });
       dataFile = await openDataFile(h.dataFile, name, !!ctx.options.writable);
     }
-    if (!metadataOnly && h.backingFile !== undefined) {
+    if (!metadataOnly && !ctx.options.noBacking && h.backingFile !== undefined) {
       const format = h.backingFormat ?? (ctx.chain.length === 1 ? ctx.options.backingFormat : undefined);
       backing = await ctx.openBacking(h.backingFile, format, name);
     }
@@ -552,4 +562,6 @@ export const qcow2Driver: FormatDriver = {
   probe: (head) => probeQcow2(head),
   createOptions: qcow2CreateOptions,
   open: openQcow2,
+  describeCreate: describeQcow2Create,
+  create: (path, size, options) => createQcow2(path, qcow2SpecFromOptions(size, options)),
 };

@@ -3,7 +3,7 @@ import type { OptionSpec } from '../../core/options.js';
 
 export const qcow2CreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
-  { name: 'compat', type: 'string', help: 'Compatibility level (v2 [0.10] or v3 [1.1])', choices: ['0.10', '1.1', 'v2', 'v3'] },
+  { name: 'compat', type: 'string', help: 'Compatibility level (v2 [0.10] or v3 [1.1])' },
   { name: 'backing_file', type: 'string', help: 'File name of a base image' },
   { name: 'backing_fmt', type: 'string', help: 'Image format of the base image' },
   { name: 'data_file', type: 'string', help: 'File name of an external data file' },
@@ -13,10 +13,9 @@ export const qcow2CreateOptions: readonly OptionSpec[] = [
     name: 'preallocation',
     type: 'string',
     help: 'Preallocation mode (allowed values: off, metadata, falloc, full)',
-    choices: ['off', 'metadata', 'falloc', 'full'],
   },
   { name: 'lazy_refcounts', type: 'bool', help: 'Postpone refcount updates', default: 'off' },
   { name: 'refcount_bits', type: 'number', help: 'Width of a reference count entry in bits', default: '16' },
-  { name: 'compression_type', type: 'string', help: 'Compression method used for image cluster compression', choices: ['zlib', 'zstd'], default: 'zlib' },
+  { name: 'compression_type', type: 'string', help: 'Compression method used for image cluster compression', default: 'zlib' },
   { name: 'extended_l2', type: 'bool', help: 'Extended L2 tables', default: 'off' },
 ];

@@ -166,12 +166,21 @@ export class Refcounts {
     if (index >= this.tableEntries) await this.growTable(index + 1);
     const first = index * this.blockEntries;
     // No block yet means every cluster of the range is free; skip the one being set.
-    const at = first === avoid ? first + 1 : first;
+    return this.placeBlock(index, first === avoid ? first + 1 : first);
+  }
+
+  /**
+   * Puts the refcount block for range `index` at free cluster `at`. When `at` lies in
+   * another range, that range's (existing) block records the new block's refcount.
+   */
+  private async placeBlock(index: number, at: number): Promise<number> {
     const off = at * this.clusterSize;
     const block = Buffer.alloc(this.clusterSize);
-    writeRefcountEntry(block, at - first, this.bits, 1);
+    const home = Math.floor(at / this.blockEntries);
+    if (home === index) writeRefcountEntry(block, at - index * this.blockEntries, this.bits, 1);
     await this.blocks.add(off, block);
     this.setTableEntry(index, off);
+    if (home !== index) await this.set(at, 1);
     return off;
   }
 
@@ -239,20 +248,29 @@ export class Refcounts {
   async allocate(n: number): Promise<number> {
     for (;;) {
       const start = await this.findFree(n, this.freeHint);
-      // Every range the run touches needs a refcount block; creating one takes a
-      // cluster of the range, so search again afterwards.
-      let created = false;
-      const lastIndex = Math.floor((start + n - 1) / this.blockEntries);
-      for (let index = Math.floor(start / this.blockEntries); index <= lastIndex; index++) {
+      // Every range the run touches needs a refcount block. A missing one is put at the
+      // run's first cluster (outside what is then searched again), so long runs that
+      // cross ranges still come out contiguous.
+      const first = Math.floor(start / this.blockEntries);
+      const last = Math.floor((start + n - 1) / this.blockEntries);
+      let missing = -1;
+      for (let index = first; index <= last; index++) {
         if (this.blockOffset(index) === 0) {
-          await this.createBlock(index, -1);
-          created = true;
+          missing = index;
+          break;
         }
       }
-      if (created) continue;
-      for (let c = start; c < start + n; c++) await this.set(c, 1);
-      this.freeHint = start + n;
-      return start * this.clusterSize;
+      if (missing < 0) {
+        for (let c = start; c < start + n; c++) await this.set(c, 1);
+        this.freeHint = start + n;
+        return start * this.clusterSize;
+      }
+      if (missing >= this.tableEntries) {
+        await this.growTable(missing + 1);
+        continue;
+      }
+      // `missing` is the run's own range when that lacks a block: then it describes itself.
+      await this.placeBlock(missing, start);
     }
   }
 

@@ -1,0 +1,95 @@
+/**
+ * Serializing the qcow2 header model back into cluster 0: fixed fields, header
+ * extensions in QEMU's order (backing format, crypto, data file, feature table,
+ * bitmaps, then unknown extensions kept verbatim), the end marker, then the backing
+ * file name. Everything parsed and not changed round-trips.
+ */
+import { QimgError } from '../../core/errors.js';
+import { writeU64 } from '../../core/units.js';
+import * as C from './constants.js';
+import type { Qcow2Header } from './header.js';
+
+function extension(type: number, data: Buffer): Buffer {
+  const padded = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
+  padded.writeUInt32BE(type, 0);
+  padded.writeUInt32BE(data.length, 4);
+  data.copy(padded, 8);
+  return padded;
+}
+
+/** The feature name table QEMU writes into v3 images. */
+export function defaultFeatureTable(): Buffer {
+  const buf = Buffer.alloc(C.KNOWN_FEATURE_NAMES.length * 48);
+  C.KNOWN_FEATURE_NAMES.forEach((f, i) => {
+    buf[i * 48] = f.type;
+    buf[i * 48 + 1] = f.bit;
+    buf.write(f.name, i * 48 + 2, 46, 'utf8');
+  });
+  return buf;
+}
+
+/**
+ * Cluster-0 bytes for `h` (header, extensions, backing name). Updates
+ * h.headerLength, h.backingFileOffset and h.backingFileSize to what was written.
+ */
+export function serializeHeader(h: Qcow2Header, opts: { featureTable?: boolean } = {}): Buffer {
+  const clusterSize = 2 ** h.clusterBits;
+  const v3 = h.version >= 3;
+  const fixedLength = v3 ? Math.max(C.HEADER_V3_LENGTH, h.headerLength, C.HEADER_V3_MIN_LENGTH + 1 + h.unknownHeaderFields.length) : C.HEADER_V2_LENGTH;
+  const fixed = Buffer.alloc(fixedLength);
+  fixed.writeUInt32BE(C.QCOW2_MAGIC, 0);
+  fixed.writeUInt32BE(h.version, 4);
+  // 8..19: backing file offset/size, filled in below
+  fixed.writeUInt32BE(h.clusterBits, 20);
+  writeU64(fixed, 24, h.size);
+  fixed.writeUInt32BE(h.cryptMethod, 32);
+  fixed.writeUInt32BE(h.l1Size, 36);
+  writeU64(fixed, 40, h.l1TableOffset);
+  writeU64(fixed, 48, h.refcountTableOffset);
+  fixed.writeUInt32BE(h.refcountTableClusters, 56);
+  fixed.writeUInt32BE(h.nbSnapshots, 60);
+  writeU64(fixed, 64, h.snapshotsOffset);
+  if (v3) {
+    fixed.writeBigUInt64BE(h.incompatibleFeatures, 72);
+    fixed.writeBigUInt64BE(h.compatibleFeatures, 80);
+    fixed.writeBigUInt64BE(h.autoclearFeatures, 88);
+    fixed.writeUInt32BE(h.refcountOrder, 96);
+    fixed.writeUInt32BE(fixedLength, 100);
+    fixed[104] = h.compressionType;
+    h.unknownHeaderFields.copy(fixed, 105);
+  }
+  h.headerLength = fixedLength;
+
+  const exts: Buffer[] = [];
+  if (h.backingFormat !== undefined && h.backingFile !== undefined) exts.push(extension(C.EXT_BACKING_FORMAT, Buffer.from(h.backingFormat)));
+  if (h.crypto) {
+    const d = Buffer.alloc(16);
+    writeU64(d, 0, h.crypto.offset);
+    writeU64(d, 8, h.crypto.length);
+    exts.push(extension(C.EXT_CRYPTO_HEADER, d));
+  }
+  if (h.dataFile !== undefined) exts.push(extension(C.EXT_DATA_FILE, Buffer.from(h.dataFile)));
+  if (v3 && (opts.featureTable ?? true)) exts.push(extension(C.EXT_FEATURE_TABLE, defaultFeatureTable()));
+  if (h.bitmaps) {
+    const d = Buffer.alloc(24);
+    d.writeUInt32BE(h.bitmaps.nbBitmaps, 0);
+    writeU64(d, 8, h.bitmaps.directorySize);
+    writeU64(d, 16, h.bitmaps.directoryOffset);
+    exts.push(extension(C.EXT_BITMAPS, d));
+  }
+  for (const u of h.unknownExtensions) exts.push(extension(u.type, u.data));
+  exts.push(Buffer.alloc(8)); // end of extensions
+
+  const backing = h.backingFile !== undefined ? Buffer.from(h.backingFile) : Buffer.alloc(0);
+  const extLength = exts.reduce((n, e) => n + e.length, 0);
+  const total = fixedLength + extLength + backing.length;
+  if (total > clusterSize) {
+    throw new QimgError(`the header, its extensions and the backing file name (${total} bytes) do not fit in one cluster (${clusterSize} bytes)`);
+  }
+  if (backing.length > C.MAX_BACKING_NAME) throw new QimgError('Backing file name too long');
+  h.backingFileOffset = backing.length > 0 ? fixedLength + extLength : 0;
+  h.backingFileSize = backing.length;
+  writeU64(fixed, 8, h.backingFileOffset);
+  fixed.writeUInt32BE(h.backingFileSize, 16);
+  return Buffer.concat([fixed, ...exts, backing]);
+}

@@ -1,0 +1,98 @@
+/**
+ * `create`: option parsing against the format's schema, size from the argument, `-o
+ * size` or the backing file, the backing file checked (unless unsafe), then the
+ * driver creates the image. Two phases so that the CLI can print qemu-img's
+ * "Formatting" line between option parsing and the driver's own validation.
+ */
+import { findDriver, type FormatDriver } from '../core/driver.js';
+import { QimgError } from '../core/errors.js';
+import { openImage, resolveRelative } from '../core/open.js';
+import { parseOptions, type ParsedOptions } from '../core/options.js';
+import { parseImageSize, roundToSectors } from '../core/size.js';
+
+export interface CreateRequest {
+  filename: string;
+  format: string;
+  optionStrings: string[];
+  size?: string;
+  backingFile?: string;
+  backingFormat?: string;
+  /** -u: do not open the backing file */
+  unsafe?: boolean;
+}
+
+export interface PreparedCreate {
+  driver: FormatDriver;
+  options: ParsedOptions;
+  /** size as given (before rounding to sectors), for the Formatting line */
+  givenSize: bigint;
+  /** the options part of the Formatting line */
+  describe(): string;
+  run(): Promise<void>;
+}
+
+export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate | 'help'> {
+  const driver = findDriver(req.format);
+  if (!driver) throw new QimgError(`Unknown file format '${req.format}'`);
+  const strings = [...req.optionStrings];
+  const options = parseOptions(strings, driver.createOptions);
+  if (options.help) return 'help';
+  if (req.backingFile !== undefined) {
+    options.values.set('backing_file', req.backingFile);
+    options.raw.set('backing_file', req.backingFile);
+  }
+  if (req.backingFormat !== undefined) {
+    options.values.set('backing_fmt', req.backingFormat);
+    options.raw.set('backing_fmt', req.backingFormat);
+  }
+  const file = req.filename;
+  let size: bigint | undefined;
+  if (req.size !== undefined) size = parseImageSize(req.size);
+  else if (options.values.has('size')) size = options.values.get('size') as bigint;
+
+  const backing = options.values.get('backing_file') as string | undefined;
+  if (backing !== undefined && !driver.createOptions.some((o) => o.name === 'backing_file')) {
+    throw new QimgError(`Backing file not supported for file format '${driver.name}'`, { file });
+  }
+  if (backing !== undefined && !req.unsafe) {
+    const backingFmt = options.values.get('backing_fmt') as string | undefined;
+    const path = resolveRelative(backing, file);
+    let img;
+    try {
+      img = await openImage(path, { format: backingFmt, metadataOnly: true });
+    } catch (err) {
+      const msg = err instanceof Error ? err.message : String(err);
+      throw new QimgError(`${msg}; could not open backing image`, { file, cause: err });
+    }
+    try {
+      if (backingFmt === undefined) {
+        throw new QimgError(`Backing file specified without backing format (detected format of ${img.format}; use -F ${img.format})`, { file });
+      }
+      size ??= BigInt(img.virtualSize);
+    } finally {
+      await img.close();
+    }
+  } else if (backing !== undefined && options.values.get('backing_fmt') === undefined) {
+    throw new QimgError('Backing file specified without backing format', { file });
+  }
+  if (size === undefined) throw new QimgError('Image creation needs a size parameter', { file });
+  const givenSize = size;
+  const rounded = roundToSectors(size);
+  if (rounded > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new QimgError(`The image size is too large for file format '${driver.name}'`, { file });
+  }
+  options.values.set('size', rounded);
+  return {
+    driver,
+    options,
+    givenSize,
+    describe: () => driver.describeCreate(givenSize, options),
+    run: async () => {
+      try {
+        await driver.create(file, Number(rounded), options.values);
+      } catch (err) {
+        throw err instanceof QimgError && err.file === undefined ? new QimgError(err.message, { file, cause: err }) : err;
+      }
+    },
+  };
+}
