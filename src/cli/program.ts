@@ -1,5 +1,6 @@
 /** The commander program: global options and one subcommand per module. */
 import { Command, CommanderError } from 'commander';
+import { registerAmend } from './commands/amend.js';
 import { registerConvert } from './commands/convert.js';
 import { registerCreate } from './commands/create.js';
 import { registerInfo } from './commands/info.js';
@@ -20,8 +21,9 @@ export function buildProgram(result: RunResult): Command {
     .version(`qimg version ${VERSION}`, '-V, --version')
     .exitOverride()
     .configureOutput({
-      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `qimg: ${s.slice(7)}` : s),
+      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `qimg: ${qemuUsageMessage(s.slice(7))}` : s),
     })
+    .showSuggestionAfterError(false)
     .showHelpAfterError("Try 'qimg --help' for more information")
     .allowExcessArguments(false);
 
@@ -35,6 +37,7 @@ export function buildProgram(result: RunResult): Command {
     }
   };
 
+  registerAmend(program, run);
   registerCreate(program, run);
   registerInfo(program, run);
   registerMap(program, run);
@@ -47,4 +50,15 @@ export function buildProgram(result: RunResult): Command {
 
 export function isCommanderError(err: unknown): err is CommanderError {
   return err instanceof CommanderError;
+}
+
+/** commander's usage messages reworded as qemu-img prints them. */
+export function qemuUsageMessage(text: string): string {
+  const line = text.replace(/\n$/, '');
+  let m: RegExpExecArray | null;
+  if ((m = /^unknown option '(.*)'$/.exec(line))) return `unrecognized option '${m[1]}'\n`;
+  if ((m = /^unknown command '(.*)'$/.exec(line))) return `Command not found: ${m[1]}\n`;
+  if (/^missing required argument '.*'$/.test(line) || /^too many arguments/.test(line)) return 'Expecting one image file name\n';
+  if ((m = /^option '([^ ,']+)[^']*' argument missing$/.exec(line))) return `missing argument for option '${m[1]}'\n`;
+  return text;
 }

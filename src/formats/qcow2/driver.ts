@@ -241,6 +241,53 @@ export class Qcow2Image implements BlockImage {
     });
   }
 
+  /**
+   * Replaces every zero cluster (active and snapshot L1 tables) by what v2 can express:
+   * preallocated ones get zeros written, plain ones become unallocated, or zero-filled
+   * clusters when a backing file would otherwise show through. For compat downgrades.
+   */
+  async expandZeroClusters(): Promise<void> {
+    const g = this.geometry;
+    if (g.extendedL2) throw new QimgError('cannot expand zero clusters of an image with extended L2 entries', { file: this.filename });
+    await this.lock.run(async () => {
+      await this.beginModification();
+      const l1s = [this.l1];
+      for (const s of this.snapshots) l1s.push(await this.file.readBytes(s.l1TableOffset, s.l1Size * 8));
+      const seen = new Set<number>();
+      const zeros = Buffer.alloc(g.clusterSize);
+      for (const l1 of l1s) {
+        for (let i = 0; i < l1.length / 8; i++) {
+          const off = l2OffsetFromL1(l1, i, g, this.filename);
+          if (off === 0 || seen.has(off)) continue;
+          seen.add(off);
+          const table = await this.l2Cache.get(off);
+          let changed = false;
+          for (let k = 0; k < g.l2Entries; k++) {
+            const hi = table.readUInt32BE(k * 8);
+            const lo = table.readUInt32BE(k * 8 + 4);
+            if (hi & C.OFLAG_COMPRESSED_HI || !(lo & C.OFLAG_ZERO_LO)) continue;
+            const host = (hi & C.OFFSET_MASK_HI) * 0x100000000 + ((lo & C.OFFSET_MASK_LO) >>> 0);
+            if (host !== 0) {
+              await this.file.write(zeros, host);
+              table.writeUInt32BE((lo & ~C.OFLAG_ZERO_LO) >>> 0, k * 8 + 4);
+            } else if (this.header.backingFile !== undefined) {
+              const fresh = await this.refcounts.allocate(1);
+              await this.file.write(zeros, fresh);
+              table.writeUInt32BE((Math.floor(fresh / 0x100000000) | C.OFLAG_COPIED_HI) >>> 0, k * 8);
+              table.writeUInt32BE(fresh % 0x100000000, k * 8 + 4);
+            } else {
+              table.writeUInt32BE(0, k * 8);
+              table.writeUInt32BE(0, k * 8 + 4);
+            }
+            changed = true;
+          }
+          if (changed) this.l2Cache.markDirty(off, table);
+        }
+      }
+      await this.flushMetadata(true);
+    });
+  }
+
   /** fdatasync of the image (and data file), unless the cache mode is unsafe. */
   async sync(): Promise<void> {
     if (this.unsafeCache || !this.file.writable) return;
