@@ -17,10 +17,10 @@ function extension(type: number, data: Buffer): Buffer {
   return padded;
 }
 
-/** The feature name table QEMU writes into v3 images. */
-export function defaultFeatureTable(): Buffer {
-  const buf = Buffer.alloc(C.KNOWN_FEATURE_NAMES.length * 48);
-  C.KNOWN_FEATURE_NAMES.forEach((f, i) => {
+/** A feature name table: 48-byte entries (type, bit, NUL-padded name). */
+export function featureTableBytes(entries: ReadonlyArray<{ type: number; bit: number; name: string }>): Buffer {
+  const buf = Buffer.alloc(entries.length * 48);
+  entries.forEach((f, i) => {
     buf[i * 48] = f.type;
     buf[i * 48 + 1] = f.bit;
     buf.write(f.name, i * 48 + 2, 46, 'utf8');
@@ -32,7 +32,7 @@ export function defaultFeatureTable(): Buffer {
  * Cluster-0 bytes for `h` (header, extensions, backing name). Updates
  * h.headerLength, h.backingFileOffset and h.backingFileSize to what was written.
  */
-export function serializeHeader(h: Qcow2Header, opts: { featureTable?: boolean } = {}): Buffer {
+export function serializeHeader(h: Qcow2Header): Buffer {
   const clusterSize = 2 ** h.clusterBits;
   const v3 = h.version >= 3;
   const fixedLength = v3 ? Math.max(C.HEADER_V3_LENGTH, h.headerLength, C.HEADER_V3_MIN_LENGTH + 1 + h.unknownHeaderFields.length) : C.HEADER_V2_LENGTH;
@@ -69,7 +69,8 @@ export function serializeHeader(h: Qcow2Header, opts: { featureTable?: boolean }
     exts.push(extension(C.EXT_CRYPTO_HEADER, d));
   }
   if (h.dataFile !== undefined) exts.push(extension(C.EXT_DATA_FILE, Buffer.from(h.dataFile)));
-  if (v3 && (opts.featureTable ?? true)) exts.push(extension(C.EXT_FEATURE_TABLE, defaultFeatureTable()));
+  // The table the image had is kept; a v3 image without one gets QEMU's.
+  if (v3) exts.push(extension(C.EXT_FEATURE_TABLE, featureTableBytes(h.featureTable.length > 0 ? h.featureTable : C.KNOWN_FEATURE_NAMES)));
   if (h.bitmaps) {
     const d = Buffer.alloc(24);
     d.writeUInt32BE(h.bitmaps.nbBitmaps, 0);
@@ -92,4 +93,16 @@ export function serializeHeader(h: Qcow2Header, opts: { featureTable?: boolean }
   writeU64(fixed, 8, h.backingFileOffset);
   fixed.writeUInt32BE(h.backingFileSize, 16);
   return Buffer.concat([fixed, ...exts, backing]);
+}
+
+/** A deep copy of a header model (Buffers stay Buffers). */
+export function cloneHeader(h: Qcow2Header): Qcow2Header {
+  return {
+    ...h,
+    unknownHeaderFields: Buffer.from(h.unknownHeaderFields),
+    featureTable: h.featureTable.map((f) => ({ ...f })),
+    bitmaps: h.bitmaps ? { ...h.bitmaps } : undefined,
+    crypto: h.crypto ? { ...h.crypto } : undefined,
+    unknownExtensions: h.unknownExtensions.map((u) => ({ type: u.type, data: Buffer.from(u.data) })),
+  };
 }
