@@ -2,7 +2,7 @@ import { defineConfig } from 'tsup';
 
 // Two entries: the CLI (bundled so startup loads one file) and the library API.
 export default defineConfig({
-  entry: { cli: 'src/cli/main.ts', index: 'src/index.ts' },
+  entry: { cli: 'src/cli/main.ts', index: 'src/index.ts', 'compress-worker': 'src/ops/compress-worker.ts' },
   format: ['esm'],
   target: 'node20',
   platform: 'node',
@@ -10,5 +10,5 @@ export default defineConfig({
   clean: true,
   splitting: true,
   sourcemap: false,
-  external: ['koffi', 'fzstd', 'commander', 'chalk', 'cli-table3'],
+  external: ['koffi', 'fzstd', 'commander', 'chalk', 'cli-table3', 'piscina'],
 });

@@ -13,7 +13,7 @@ export { extents, extentAt } from './core/block-status.js';
 export { parseImageSize, parseSizeString, sizeToStr } from './core/size.js';
 export { imageInfo, chainInfo } from './ops/info.js';
 export { mapImage } from './ops/map.js';
-export { convertToRaw, type ConvertOptions } from './ops/convert.js';
+export { convert, convertToRaw, type ConvertOptions, type ConvertRequest } from './ops/convert.js';
 export { amendImage } from './ops/amend.js';
 
 import { prepareCreate } from './ops/create.js';

@@ -90,6 +90,14 @@ export interface BlockImage {
   discard(offset: number, length: number): Promise<void>;
   /** This layer's own status at `offset` (at most `length` bytes; offset < virtualSize). */
   layerStatus(offset: number, length: number): Promise<LayerStatus>;
+  /** The unit in which the image allocates storage (zero detection never splits one). */
+  readonly allocationUnit: number;
+  /** Formats that store compressed clusters: the algorithm and the unit. */
+  readonly compression?: { algorithm: 'deflate' | 'zstd'; clusterSize: number };
+  /** Stores one unit (cluster) already compressed with `compression.algorithm`. */
+  writeCompressed?(offset: number, compressed: Buffer): Promise<void>;
+  /** A read-only view of an internal snapshot, by id and/or name (formats that have them). */
+  snapshot?(spec: { id?: string; name?: string }): Promise<BlockImage>;
   /** Data the `info` command prints. */
   info(): Promise<ImageInfo>;
   flush(): Promise<void>;

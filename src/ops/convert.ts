@@ -1,98 +1,149 @@
 /**
- * `convert` to a raw file: sources are concatenated; only data extents are read, and
- * zero runs of at least `sparseSize` bytes become holes. A failed conversion removes
- * the output file it created.
+ * `convert`: sources (concatenated) copied into a new or existing target of any
+ * writable format by the copy engine. A failed conversion removes the output it
+ * created; an existing target (-n) is written in place.
  */
-import { open, stat, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
+import { stat, unlink } from 'node:fs/promises';
 import type { BlockImage } from '../core/block-image.js';
-import { extents } from '../core/block-status.js';
-import { QimgError, describeSystemError } from '../core/errors.js';
-import { allocateFile } from '../io/allocate.js';
+import { QimgError } from '../core/errors.js';
+import { openImage } from '../core/open.js';
+import { copyImages, type CopyOptions } from './copy-engine.js';
+import { prepareCreate } from './create.js';
 
+export interface ConvertRequest {
+  sources: string[];
+  sourceFormat?: string;
+  output: string;
+  outputFormat: string;
+  /** -o options for the new image */
+  optionStrings?: string[];
+  /** -B/-b: the new image is an overlay of this file; only the sources' top layers are copied */
+  backingFile?: string;
+  backingFormat?: string;
+  /** -n: write into an existing target */
+  noCreate?: boolean;
+  targetIsZero?: boolean;
+  /** -S in bytes (default 4096); 0 allocates everything */
+  sparseSize?: number;
+  parallel?: number;
+  outOfOrder?: boolean;
+  /** -l: read this internal snapshot of the (single) source */
+  snapshot?: { id?: string; name?: string };
+  /** -c: compressed clusters (qcow2) */
+  compress?: boolean;
+  onProgress?: (done: number, total: number) => void;
+  /** called with the "Formatting ..." text is NOT printed by convert (qemu-img does not) */
+}
+
+export async function convert(req: ConvertRequest): Promise<void> {
+  if (req.targetIsZero && !req.noCreate) throw new QimgError('--target-is-zero requires use of -n flag');
+  if (req.targetIsZero && req.backingFile !== undefined) throw new QimgError('--target-is-zero cannot be used with a backing file');
+  if (req.snapshot && req.sources.length > 1) throw new QimgError('No support for concatenating multiple snapshot');
+
+  const sources: BlockImage[] = [];
+  const views: BlockImage[] = [];
+  let target: BlockImage | null = null;
+  let created = false;
+  try {
+    for (const f of req.sources) {
+      try {
+        sources.push(await openImage(f, { format: req.sourceFormat }));
+      } catch (err) {
+        if (err instanceof QimgError && err.file === undefined) throw new QimgError(err.message, { file: f, cause: err });
+        throw err;
+      }
+    }
+    let inputs = sources;
+    if (req.snapshot) {
+      const src = sources[0];
+      if (!src.snapshot) throw new QimgError('Failed to load snapshot: Operation not supported', { file: req.sources[0] });
+      const view = await src.snapshot(req.snapshot);
+      views.push(view);
+      inputs = [view];
+    }
+    const total = inputs.reduce((n, s) => n + s.virtualSize, 0);
+
+    if (!req.noCreate) {
+      const prepared = await prepareCreate({
+        filename: req.output,
+        format: req.outputFormat,
+        optionStrings: req.optionStrings ?? [],
+        size: String(total),
+        backingFile: req.backingFile,
+        backingFormat: req.backingFormat,
+      });
+      if (prepared === 'help') throw new QimgError('-o help is handled by the caller');
+      const existed = await stat(req.output).then(
+        (s) => s.isBlockDevice(),
+        () => false,
+      );
+      created = !existed;
+      await prepared.run();
+    }
+    target = await openImage(req.output, { format: req.outputFormat, writable: true });
+    if (target.virtualSize < total) throw new QimgError('output file is smaller than input file', { file: req.output });
+    const t = target as BlockImage & { unsafeCache?: boolean; clusterSize?: number };
+    // qemu-img's default cache mode for the target is unsafe: no flush until the end.
+    if ('unsafeCache' in t) t.unsafeCache = true;
+
+    const opts: CopyOptions = {
+      sparseSize: req.sparseSize ?? 4096,
+      targetIsZero: !req.noCreate ? req.backingFile === undefined : !!req.targetIsZero,
+      topOnly: req.backingFile !== undefined,
+      parallel: req.parallel ?? 8,
+      outOfOrder: req.outOfOrder,
+      targetGranularity: target.allocationUnit,
+      onProgress: req.onProgress,
+    };
+    if (req.compress) {
+      if (!target.writeCompressed) throw new QimgError(`Compression not supported for file format '${target.format}'`, { file: req.output });
+      const { compressingWriter } = await import('./compress-writer.js');
+      const writer = compressingWriter(target, total);
+      try {
+        await copyImages(inputs, target, { ...opts, writeData: writer.write, targetGranularity: target.allocationUnit });
+        await writer.finish();
+      } finally {
+        await writer.close();
+      }
+    } else {
+      await copyImages(inputs, target, opts);
+    }
+    const done = target;
+    target = null;
+    await done.close();
+  } catch (err) {
+    if (target) await target.close().catch(() => undefined);
+    if (created) await unlink(req.output).catch(() => undefined);
+    throw err;
+  } finally {
+    for (const v of views) await v.close().catch(() => undefined);
+    for (const s of sources) await s.close().catch(() => undefined);
+  }
+}
+
+/** Kept for library users of the first release: convert to a raw file. */
 export interface ConvertOptions {
-  /** minimum zero run (bytes) left as a hole; 0 = allocate everything */
   sparseSize: number;
-  /** raw target preallocation: falloc reserves blocks, full writes zeros */
   preallocation?: 'off' | 'falloc' | 'full';
 }
 
-const CHUNK = 2 * 1024 * 1024;
-
 export async function convertToRaw(sources: BlockImage[], output: string, opts: ConvertOptions): Promise<void> {
   const total = sources.reduce((n, s) => n + s.virtualSize, 0);
-  let isDevice = false;
+  const prepared = await prepareCreate({
+    filename: output,
+    format: 'raw',
+    optionStrings: opts.preallocation ? [`preallocation=${opts.preallocation}`] : [],
+    size: String(total),
+  });
+  if (prepared === 'help') return;
+  await prepared.run();
+  const target = await openImage(output, { format: 'raw', writable: true });
   try {
-    isDevice = (await stat(output)).isBlockDevice();
-  } catch {
-    // does not exist yet
-  }
-  let handle;
-  try {
-    handle = await open(output, isDevice ? constants.O_WRONLY : constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC, 0o644);
+    await copyImages(sources, target, { sparseSize: opts.sparseSize, targetIsZero: true, parallel: 8 });
+    await target.close();
   } catch (err) {
-    throw new QimgError(`Could not create '${output}': ${describeSystemError(err)}`, { cause: err });
+    await target.close().catch(() => undefined);
+    await unlink(output).catch(() => undefined);
+    throw err;
   }
-  try {
-    if (!isDevice) await handle.truncate(total);
-    if (!isDevice && opts.preallocation === 'falloc') await allocateFile(handle.fd, total);
-    const zeroBlock = opts.sparseSize > 0 ? Buffer.alloc(opts.sparseSize) : null;
-    const buf = Buffer.allocUnsafe(CHUNK);
-    const zeros = Buffer.alloc(CHUNK);
-    let base = 0;
-    for (const src of sources) {
-      for await (const e of extents(src)) {
-        for (let pos = e.offset; pos < e.offset + e.length; ) {
-          const n = Math.min(CHUNK - (pos % CHUNK), e.offset + e.length - pos);
-          if (e.kind === 'data') {
-            const chunk = buf.subarray(0, n);
-            await src.read(pos, chunk);
-            await writeNonZero(handle, chunk, base + pos, opts.preallocation === 'full' ? null : zeroBlock);
-          } else if (!zeroBlock || isDevice || opts.preallocation === 'full') {
-            // -S 0 allocates everything; a device must really be zeroed.
-            await writeAll(handle, zeros.subarray(0, n), base + pos);
-          }
-          pos += n;
-        }
-      }
-      base += src.virtualSize;
-    }
-    await handle.sync();
-    await handle.close();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    if (!isDevice) await unlink(output).catch(() => undefined);
-    if (err instanceof QimgError) throw err;
-    throw new QimgError(`error while writing '${output}': ${describeSystemError(err)}`, { cause: err });
-  }
-}
-
-type Handle = Awaited<ReturnType<typeof open>>;
-
-async function writeAll(h: Handle, data: Buffer, pos: number): Promise<void> {
-  let done = 0;
-  while (done < data.length) {
-    const { bytesWritten } = await h.write(data, done, data.length - done, pos + done);
-    done += bytesWritten;
-  }
-}
-
-/** Writes `chunk` at `pos`, skipping aligned blocks that are all zeros (native compare). */
-async function writeNonZero(h: Handle, chunk: Buffer, pos: number, zeroBlock: Buffer | null): Promise<void> {
-  if (!zeroBlock) return writeAll(h, chunk, pos);
-  const bs = zeroBlock.length;
-  let runStart = -1;
-  let i = 0;
-  while (i < chunk.length) {
-    // Blocks are aligned to the guest offset so that results do not depend on chunking.
-    const len = Math.min(bs - ((pos + i) % bs), chunk.length - i);
-    const isZero = len === bs ? chunk.subarray(i, i + len).equals(zeroBlock) : chunk.subarray(i, i + len).equals(zeroBlock.subarray(0, len));
-    if (!isZero && runStart < 0) runStart = i;
-    if (isZero && runStart >= 0) {
-      await writeAll(h, chunk.subarray(runStart, i), pos + runStart);
-      runStart = -1;
-    }
-    i += len;
-  }
-  if (runStart >= 0) await writeAll(h, chunk.subarray(runStart), pos + runStart);
 }

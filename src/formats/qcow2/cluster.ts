@@ -423,4 +423,55 @@ export class ClusterWriter {
     // Metadata preallocation still makes the file as long as the data it maps.
     if (this.img.dataTarget.size < end) await this.img.dataTarget.truncate(end);
   }
+
+  /** Where the next compressed cluster may be packed (0 = start a new host cluster). */
+  private compressedCursor = 0;
+
+  /**
+   * Stores one guest cluster as compressed data (convert -c). Compressed clusters are
+   * packed byte after byte; a host cluster holding parts of k of them has refcount k.
+   */
+  async writeCompressed(offset: number, compressed: Buffer): Promise<void> {
+    const g = this.g;
+    const cs = g.clusterSize;
+    if (g.hasDataFile) throw new CorruptImageError(this.img.filename, 'compressed clusters are not possible with an external data file');
+    if (offset % cs !== 0) throw new Error('compressed writes must be cluster aligned');
+    const size = compressed.length;
+    const refcounts = this.img.refcounts;
+    let host = this.compressedCursor;
+    let fits = host !== 0 && cs - (host % cs) >= size;
+    if (host !== 0 && !fits) {
+      // Spill into the clusters right after the current one when they are free.
+      const next = Math.ceil(host / cs);
+      const extra = Math.ceil((size - (cs - (host % cs))) / cs);
+      let free = true;
+      for (let c = next; c < next + extra && free; c++) free = (await refcounts.get(c)) === 0;
+      if (free) {
+        for (let c = next; c < next + extra; c++) await refcounts.set(c, 1);
+        await refcounts.add(Math.floor(host / cs), 1);
+        fits = true;
+      }
+    } else if (fits) {
+      await refcounts.add(Math.floor(host / cs), 1);
+    }
+    if (!fits) host = await refcounts.allocate(Math.ceil(size / cs));
+    await this.img.dataTarget.write(compressed, host);
+    this.compressedCursor = (host + size) % cs === 0 ? 0 : host + size;
+
+    const span = cs * g.l2Entries;
+    const slot = await this.img.l2ForWrite(Math.floor(offset / span));
+    const index = Math.floor((offset % span) / cs);
+    const old = rawEntry(slot.table, index, g.extendedL2);
+    const x = BigInt(62 - (g.clusterBits - 8));
+    const sectors = BigInt(Math.floor((host + size - 1) / 512) - Math.floor(host / 512));
+    const entry = (1n << 62n) | (sectors << x) | BigInt(host);
+    storeEntry(slot.table, index, g.extendedL2, {
+      hi: Number(entry >> 32n),
+      lo: Number(entry & 0xffffffffn),
+      zeroBits: 0,
+      allocBits: 0,
+    });
+    this.releaseReplaced(old, slot.offset, index, -1);
+    this.img.markL2Dirty(slot);
+  }
 }

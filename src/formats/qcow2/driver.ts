@@ -42,6 +42,8 @@ export class Qcow2Image implements BlockImage {
   private readonly lock = new Mutex();
   /** set once the first modification prepared the header (dirty bit, autoclear bits) */
   private modified = false;
+  /** a snapshot view sharing another image's files (closing it closes nothing) */
+  private isView = false;
   /** skip fsync barriers (convert's target, like qemu-img's cache=unsafe) */
   unsafeCache = false;
 
@@ -168,7 +170,7 @@ export class Qcow2Image implements BlockImage {
   }
 
   private assertWritable(offset: number, length: number): void {
-    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
+    if (!this.file.writable || this.isView) throw new QimgError('image is opened read-only', { file: this.filename });
     if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
       throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
     }
@@ -219,6 +221,25 @@ export class Qcow2Image implements BlockImage {
       await this.beginModification();
       this.compressedCache = null;
       await this.writer.writeZeroes(offset, length, !!opts.mayUnmap);
+    });
+  }
+
+  /** Compression algorithm and unit for convert -c. */
+  get compression(): { algorithm: 'deflate' | 'zstd'; clusterSize: number } {
+    return { algorithm: this.header.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'deflate', clusterSize: this.geometry.clusterSize };
+  }
+
+  /** The unit in which this image allocates: zero detection never splits one. */
+  get allocationUnit(): number {
+    return this.geometry.subclusterSize;
+  }
+
+  async writeCompressed(offset: number, compressed: Buffer): Promise<void> {
+    this.assertWritable(offset, Math.min(this.geometry.clusterSize, this.virtualSize - offset));
+    await this.lock.run(async () => {
+      await this.beginModification();
+      this.compressedCache = null;
+      await this.writer.writeCompressed(offset, compressed);
     });
   }
 
@@ -286,6 +307,25 @@ export class Qcow2Image implements BlockImage {
       }
       await this.flushMetadata(true);
     });
+  }
+
+  /**
+   * A read-only view of an internal snapshot (convert -l): the snapshot's L1 table
+   * and the virtual size it recorded, sharing this image's files and backing chain.
+   * Closing the view leaves this image open.
+   */
+  async snapshot(spec: { id?: string; name?: string }): Promise<BlockImage> {
+    const sn = this.snapshots.find((s) => (spec.id === undefined || s.id === spec.id) && (spec.name === undefined || s.name === spec.name));
+    if (!sn) throw new QimgError("Failed to load snapshot: Can't find snapshot", { file: this.filename });
+    const g = this.geometry;
+    const needed = Math.ceil(sn.diskSize / (g.clusterSize * g.l2Entries));
+    if (sn.l1Size < needed) throw new CorruptImageError(this.filename, `Snapshot L1 table of '${sn.name}' is too small`);
+    if (sn.l1TableOffset % g.clusterSize !== 0) throw new CorruptImageError(this.filename, 'Snapshot L1 table offset invalid');
+    const l1 = await this.file.readBytes(sn.l1TableOffset, sn.l1Size * 8);
+    const header = { ...this.header, size: sn.diskSize, l1Size: sn.l1Size, l1TableOffset: sn.l1TableOffset };
+    const view = new Qcow2Image(this.file, this.filename, header, l1, this.refcountTable, this.snapshots, this.dataFile, this.backing);
+    view.isView = true;
+    return view;
   }
 
   /** fdatasync of the image (and data file), unless the cache mode is unsafe. */
@@ -512,6 +552,7 @@ export class Qcow2Image implements BlockImage {
 
   /** Flushes everything; a lazy-refcount image is marked clean again. */
   async close(): Promise<void> {
+    if (this.isView) return;
     let failure: unknown;
     if (this.file.writable && this.modified) {
       try {
@@ -524,9 +565,7 @@ export class Qcow2Image implements BlockImage {
             buf.writeBigUInt64BE(h.incompatibleFeatures, 0);
             await this.file.write(buf, 72);
           }
-          // A close is a durability point even with the unsafe cache mode.
-          if (this.dataFile) await this.dataFile.flush();
-          await this.file.flush();
+          await this.sync();
         });
       } catch (err) {
         failure = err;

@@ -27,6 +27,7 @@ export const rawCreateOptions: readonly OptionSpec[] = [
 export class RawImage implements BlockImage {
   readonly format = 'raw';
   readonly backing = null;
+  readonly allocationUnit = 512;
   constructor(
     readonly file: ImageFile,
     readonly filename: string,

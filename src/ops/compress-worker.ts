@@ -1,0 +1,45 @@
+/**
+ * Worker thread body for convert -c: compresses one cluster as qcow2 stores it, raw
+ * deflate with a 12-bit window (QEMU's zlib type) or a zstd frame. Returns null when
+ * the result would not be smaller than the cluster (it is then stored uncompressed).
+ */
+import { deflateRawSync } from 'node:zlib';
+import { createRequire } from 'node:module';
+
+export interface CompressTask {
+  data: Uint8Array;
+  algorithm: 'deflate' | 'zstd';
+  clusterSize: number;
+}
+
+type ZstdCompress = (src: Uint8Array) => Uint8Array;
+let zstd: ZstdCompress | null = null;
+
+function loadZstd(): ZstdCompress {
+  if (zstd) return zstd;
+  const require = createRequire(import.meta.url);
+  let lib;
+  try {
+    const koffi = require('koffi');
+    lib = koffi.load('libzstd.so.1');
+    const bound = lib.func('size_t ZSTD_compressBound(size_t srcSize)');
+    const compress = lib.func('size_t ZSTD_compress(void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)');
+    const isError = lib.func('unsigned int ZSTD_isError(size_t code)');
+    zstd = (src) => {
+      const dst = Buffer.allocUnsafe(Number(bound(src.length)));
+      const n = compress(dst, dst.length, src, src.length, 3);
+      if (isError(n)) throw new Error('zstd compression failed');
+      return dst.subarray(0, Number(n));
+    };
+    return zstd;
+  } catch (err) {
+    throw new Error(`zstd compression needs libzstd (Debian: libzstd1): ${(err as Error).message}`);
+  }
+}
+
+export default function compressCluster(task: CompressTask): Uint8Array | null {
+  const input = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
+  const out = task.algorithm === 'zstd' ? loadZstd()(input) : deflateRawSync(input, { windowBits: 12, memLevel: 9 });
+  // QEMU stores a cluster compressed only when it fits in less than a cluster.
+  return out.length < task.clusterSize ? out : null;
+}
