@@ -23,3 +23,8 @@ export class UsageError extends QimgError {
     super(message, { exitCode: 1 });
   }
 }
+
+/** A warning line as qemu-img prints it ("qemu-img: warning: ..."), on stderr. */
+export function warn(message: string): void {
+  process.stderr.write(`qimg: warning: ${message}\n`);
+}

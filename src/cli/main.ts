@@ -1,5 +1,6 @@
 /** CLI entry point (bin/qimg.js imports the bundle built from this file). */
 import { registerFormats } from '../formats/index.js';
+import type { Command } from 'commander';
 import { buildProgram, isCommanderError } from './program.js';
 
 export async function main(argv: string[]): Promise<void> {
@@ -12,7 +13,7 @@ export async function main(argv: string[]): Promise<void> {
     return;
   }
   try {
-    await program.parseAsync(argv);
+    await program.parseAsync(expandLongOptionPrefixes(program, rewriteProgressOption(argv)));
   } catch (err) {
     if (isCommanderError(err)) {
       // --help and --version exit 0; every usage error exits 1 like qemu-img.
@@ -22,4 +23,45 @@ export async function main(argv: string[]): Promise<void> {
     throw err;
   }
   process.exitCode = result.code;
+}
+
+/**
+ * getopt_long accepts any unambiguous prefix of a long option (`--out=json`,
+ * `--start=0`); commander does not. Rewrites such prefixes to the full option name
+ * for the subcommand being run; exact names, ambiguous prefixes and everything after
+ * `--` are left alone.
+ */
+export function expandLongOptionPrefixes(program: Command, argv: string[]): string[] {
+  const cmd = program.commands.find((c) => c.name() === argv[2] || c.aliases().includes(argv[2]));
+  if (!cmd) return argv;
+  const longs = [...cmd.options.map((o) => o.long), '--help'].filter((l): l is string => typeof l === 'string');
+  const out = argv.slice(0, 3);
+  for (let i = 3; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '--') {
+      out.push(...argv.slice(i));
+      break;
+    }
+    const m = /^--([^=]+)(=.*)?$/s.exec(arg);
+    if (m && !longs.includes(`--${m[1]}`)) {
+      const matches = longs.filter((l) => l.startsWith(`--${m[1]}`));
+      if (matches.length === 1) {
+        out.push(matches[0] + (m[2] ?? ''));
+        continue;
+      }
+    }
+    out.push(arg);
+  }
+  return out;
+}
+
+/** `--progress=json` (machine progress) becomes the hidden --progress-json flag; `--progress=human` is -p. */
+function rewriteProgressOption(argv: string[]): string[] {
+  const end = argv.indexOf('--');
+  return argv.map((a, i) => {
+    if (end >= 0 && i > end) return a;
+    if (a === '--progress=json') return '--progress-json';
+    if (a === '--progress=human') return '-p';
+    return a;
+  });
 }

@@ -1,10 +1,13 @@
 /** The commander program: global options and one subcommand per module. */
 import { Command, CommanderError } from 'commander';
 import { registerAmend } from './commands/amend.js';
+import { registerCompare } from './commands/compare.js';
 import { registerConvert } from './commands/convert.js';
+import { registerMeasure } from './commands/measure.js';
 import { registerCreate } from './commands/create.js';
 import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
+import { registerCheck } from './commands/check.js';
 import { reportError } from './errors.js';
 
 export const VERSION = '0.1.0';
@@ -41,7 +44,10 @@ export function buildProgram(result: RunResult): Command {
   registerCreate(program, run);
   registerInfo(program, run);
   registerMap(program, run);
+  registerCheck(program, run);
   registerConvert(program, run);
+  registerCompare(program, run);
+  registerMeasure(program, run);
   for (const cmd of program.commands) {
     cmd.exitOverride().configureOutput(program.configureOutput()).allowExcessArguments(false);
   }

@@ -98,6 +98,8 @@ export interface BlockImage {
   writeCompressed?(offset: number, compressed: Buffer): Promise<void>;
   /** A read-only view of an internal snapshot, by id and/or name (formats that have them). */
   snapshot?(spec: { id?: string; name?: string }): Promise<BlockImage>;
+  /** Persistent dirty bitmaps stored in the image (formats that have them). */
+  persistentBitmaps?(): Promise<Array<{ name: string; granularity: number }>>;
   /** Data the `info` command prints. */
   info(): Promise<ImageInfo>;
   flush(): Promise<void>;

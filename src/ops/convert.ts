@@ -9,6 +9,7 @@ import { QimgError } from '../core/errors.js';
 import { openImage } from '../core/open.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
+import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
 
 export interface ConvertRequest {
   sources: string[];
@@ -28,11 +29,12 @@ export interface ConvertRequest {
   parallel?: number;
   outOfOrder?: boolean;
   /** -l: read this internal snapshot of the (single) source */
-  snapshot?: { id?: string; name?: string };
+  snapshot?: SnapshotParam;
   /** -c: compressed clusters (qcow2) */
   compress?: boolean;
   onProgress?: (done: number, total: number) => void;
-  /** called with the "Formatting ..." text is NOT printed by convert (qemu-img does not) */
+  /** flush the target at the end (cache modes other than qemu-img's default "unsafe") */
+  flushAtEnd?: boolean;
 }
 
 export async function convert(req: ConvertRequest): Promise<void> {
@@ -55,9 +57,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
     }
     let inputs = sources;
     if (req.snapshot) {
-      const src = sources[0];
-      if (!src.snapshot) throw new QimgError('Failed to load snapshot: Operation not supported', { file: req.sources[0] });
-      const view = await src.snapshot(req.snapshot);
+      const view = await openSnapshotView(sources[0], req.snapshot);
       views.push(view);
       inputs = [view];
     }
@@ -84,7 +84,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
     if (target.virtualSize < total) throw new QimgError('output file is smaller than input file', { file: req.output });
     const t = target as BlockImage & { unsafeCache?: boolean; clusterSize?: number };
     // qemu-img's default cache mode for the target is unsafe: no flush until the end.
-    if ('unsafeCache' in t) t.unsafeCache = true;
+    if ('unsafeCache' in t) t.unsafeCache = !req.flushAtEnd;
 
     const opts: CopyOptions = {
       sparseSize: req.sparseSize ?? 4096,
@@ -110,6 +110,10 @@ export async function convert(req: ConvertRequest): Promise<void> {
     }
     const done = target;
     target = null;
+    if (req.flushAtEnd) {
+      if ('unsafeCache' in t) t.unsafeCache = false;
+      await done.flush();
+    }
     await done.close();
   } catch (err) {
     if (target) await target.close().catch(() => undefined);

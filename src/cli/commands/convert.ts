@@ -1,16 +1,53 @@
-/** `qimg convert [-f fmt] [-O raw] [-S size] [-q] [-U] SRC... DST` */
+/**
+ * `qimg convert [-f fmt] [-O fmt] [-o options] [-B|-b backing [-F fmt]] [-c] [-p] [-q]
+ * [-n] [-S size] [-m N] [-W] [--target-is-zero] [-U] [-l snapshot] [-t cache] SRC... DST`
+ */
 import type { Command } from 'commander';
-import type { BlockImage } from '../../core/block-image.js';
 import { QimgError } from '../../core/errors.js';
-import { openImage } from '../../core/open.js';
-import { parseSizeString } from '../../core/size.js';
-import { convertToRaw } from '../../ops/convert.js';
+import { cvtnum } from '../../core/size.js';
+import { convert } from '../../ops/convert.js';
+import { parseSnapshotParam } from '../../ops/snapshot-param.js';
 import { findDriver } from '../../core/driver.js';
 import { formatOptionHelp, parseOptions } from '../../core/options.js';
-import { UsageError } from '../errors.js';
+import { UsageError, warn } from '../errors.js';
+import { createProgress, progressMode } from '../output/progress.js';
 import { collect, writeOut } from './common.js';
 
 const MAX_SPARSE = 16 * 1024 * 1024;
+const MAX_COROUTINES = 16;
+const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+
+/** Runs a parse step whose failures are command-line errors (no file name prefix). */
+function usage<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    if (err instanceof QimgError && !(err instanceof UsageError)) throw new UsageError(err.message);
+    throw err;
+  }
+}
+
+interface ConvertFlags {
+  sourceFormat?: string;
+  targetFormat: string;
+  sparseSize: string;
+  targetFormatOptions: string[];
+  backing?: string;
+  B?: string;
+  backingFormat?: string;
+  compress?: boolean;
+  /** false with -n (commander's --no-create) */
+  create?: boolean;
+  targetIsZero?: boolean;
+  parallel: string;
+  oobWrites?: boolean;
+  snapshot?: string;
+  progress?: boolean;
+  progressJson?: boolean;
+  quiet?: boolean;
+  targetCache?: string;
+  sourceCache?: string;
+}
 
 export function registerConvert(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
   program
@@ -19,46 +56,79 @@ export function registerConvert(program: Command, run: (file: string | undefined
     .option('-f, --source-format <fmt>', 'format of the source images (probed when absent)')
     .option('-O, --target-format <fmt>', 'output format', 'raw')
     .option('-o, --target-format-options <options>', 'options of the output format (-o help lists them)', collect, [] as string[])
+    .option('-b, --backing <file>', 'make the output an overlay of this backing file')
+    .option('-B <file>', 'the same as -b (qemu-img 7 spelling)')
+    .option('-F, --backing-format <fmt>', 'format of the backing file')
+    .option('-c, --compress', 'compress the output clusters (qcow2)')
+    .option('-n, --no-create', 'write into an existing output image')
+    .option('--target-is-zero', 'the existing output image (-n) reads as zeros')
     .option('-S, --sparse-size <size>', 'minimum zero run written as a hole (0 = allocate all)', '4k')
+    .option('-m, --parallel <n>', 'requests in flight', '8')
+    .option('-W, --oob-writes', 'write out of order')
+    .option('-l, --snapshot <snapshot>', 'convert an internal snapshot of the source')
+    .option('-t, --target-cache <mode>', 'output cache mode (unsafe: no flush; others: flushed at the end)')
+    .option('-T, --source-cache <mode>', 'source cache mode (accepted for compatibility)')
+    .option('-p, --progress', 'show progress')
+    .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
     .option('-U, --force-share', 'open the sources even if they are in use')
     .argument('[files...]', 'source image(s) followed by the output file')
-    .action((files: string[], opts: { sourceFormat?: string; targetFormat: string; sparseSize: string; targetFormatOptions: string[] }) =>
+    .action((files: string[], opts: ConvertFlags) =>
       run(files[files.length - 1], async () => {
         const driver = findDriver(opts.targetFormat);
         if (!driver) throw new UsageError(`Unknown file format '${opts.targetFormat}'`);
-        const parsed = parseOptions(opts.targetFormatOptions, driver.createOptions);
+        // qemu-img reports option and -S errors without a file name prefix
+        const parsed = usage(() => parseOptions(opts.targetFormatOptions, driver.createOptions));
         if (parsed.help) {
-          await writeOut(formatOptionHelp(driver.name, driver.createOptions));
+          await writeOut(formatOptionHelp(driver.name, driver.createOptions, files.length > 0 ? files[files.length - 1] : undefined));
           return;
         }
-        if (files.length < 2) throw new UsageError('Expecting image file name');
-        if (opts.targetFormat !== 'raw') {
-          throw new QimgError(`output format '${opts.targetFormat}' is not supported by convert yet (only raw)`);
+        for (const w of parsed.warnings) warn(w);
+        if (files.length < 2) throw new UsageError('Must specify image file name');
+        const create = opts.create !== false;
+        if (!create && opts.targetFormatOptions.length > 0) throw new UsageError('-o has no effect when skipping image creation');
+        if (opts.targetIsZero && create) throw new UsageError('--target-is-zero requires use of -n flag');
+        const backing = opts.backing ?? opts.B;
+        if (backing !== undefined && opts.backingFormat === undefined) throw new UsageError('Use of backing file requires explicit backing format');
+        if (backing !== undefined && !driver.createOptions.some((o) => o.name === 'backing_file')) {
+          throw new UsageError(`Backing file not supported for file format '${driver.name}'`);
         }
-        const preallocation = (parsed.values.get('preallocation') as string | undefined) ?? 'off';
-        const sparse = parseSizeString(opts.sparseSize);
-        const sparseSize = sparse.ok ? Number(sparse.value - (sparse.value % 512n)) : -1;
-        if (!sparse.ok || sparseSize < 0 || sparseSize > MAX_SPARSE) {
+        if (opts.compress && driver.name !== 'qcow2') throw new UsageError('Compression not supported for this file format');
+        const parallel = Number(opts.parallel);
+        if (!Number.isInteger(parallel) || parallel < 1 || parallel > MAX_COROUTINES) {
+          throw new UsageError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`);
+        }
+        for (const mode of [opts.targetCache, opts.sourceCache]) {
+          if (mode !== undefined && !CACHE_MODES.includes(mode)) throw new UsageError(`Invalid cache option: ${mode}`);
+        }
+        // cvtnum first (its own messages), then: a multiple of 512 up to 16 MiB
+        const sparse = usage(() => cvtnum('buffer size for sparse output', opts.sparseSize, warn));
+        if (sparse % 512n !== 0n || sparse > BigInt(MAX_SPARSE)) {
           throw new UsageError(
             'Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).',
           );
         }
-        const out = files[files.length - 1];
-        const sources: BlockImage[] = [];
-        try {
-          for (const f of files.slice(0, -1)) {
-            try {
-              sources.push(await openImage(f, { format: opts.sourceFormat }));
-            } catch (err) {
-              if (err instanceof QimgError && err.file === undefined) throw new QimgError(err.message, { file: f, cause: err });
-              throw err;
-            }
-          }
-          await convertToRaw(sources, out, { sparseSize, preallocation: preallocation as 'off' | 'falloc' | 'full' });
-        } finally {
-          for (const s of sources) await s.close();
-        }
+        const snapshot = opts.snapshot !== undefined ? usage(() => parseSnapshotParam(opts.snapshot!)) : undefined;
+        const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
+        await convert({
+          sources: files.slice(0, -1),
+          sourceFormat: opts.sourceFormat,
+          output: files[files.length - 1],
+          outputFormat: driver.name,
+          optionStrings: opts.targetFormatOptions,
+          backingFile: backing,
+          backingFormat: opts.backingFormat,
+          noCreate: !create,
+          targetIsZero: opts.targetIsZero,
+          sparseSize: Number(sparse),
+          parallel,
+          outOfOrder: opts.oobWrites,
+          snapshot,
+          compress: opts.compress,
+          flushAtEnd: opts.targetCache !== undefined && opts.targetCache !== 'unsafe',
+          onProgress: (d, t) => progress.update(d, t),
+        });
+        progress.finish();
       }),
     );
 }

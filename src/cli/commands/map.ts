@@ -7,6 +7,7 @@ import { mapImage } from '../../ops/map.js';
 import { mapEntryJson } from '../output/json.js';
 import { MAP_HUMAN_HEADER, mapHumanRow } from '../output/human.js';
 import { parseOutputFormat, writeOut } from './common.js';
+import { UsageError, warn } from '../errors.js';
 
 export function registerMap(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
   program
@@ -21,13 +22,26 @@ export function registerMap(program: Command, run: (file: string | undefined, fn
     .action((filename: string, opts: { format?: string; output?: string; startOffset?: string; maxLength?: string }) =>
       run(filename, async () => {
         const output = parseOutputFormat(opts.output);
-        const start = opts.startOffset !== undefined ? parseOffsetArg(opts.startOffset, 'start offset') : 0;
-        const maxLength = opts.maxLength !== undefined ? parseOffsetArg(opts.maxLength, 'max length') : undefined;
+        const offsetArg = (text: string, what: string): number => {
+          try {
+            return parseOffsetArg(text, what, warn);
+          } catch (err) {
+            throw err instanceof QimgError ? new UsageError(err.message) : err;
+          }
+        };
+        const start = opts.startOffset !== undefined ? offsetArg(opts.startOffset, 'start offset') : 0;
+        const maxLength = opts.maxLength !== undefined ? offsetArg(opts.maxLength, 'max length') : undefined;
         const img = await openImage(filename, { format: opts.format });
         try {
           if (output === 'json') {
             const parts: string[] = [];
             for await (const e of mapImage(img, start, maxLength)) parts.push(mapEntryJson(e));
+            // qemu-img always prints its last (here: initial, empty) entry
+            if (parts.length === 0) {
+              parts.push(
+                mapEntryJson({ offset: start, length: 0, kind: 'unallocated', depth: 0, present: false, zero: false, data: false, compressed: false }),
+              );
+            }
             await writeOut(`[${parts.join(',\n')}]\n`);
             return;
           }

@@ -1,6 +1,7 @@
 /** qemu-img's human-readable texts: the `info` dump, the snapshot table, map rows. */
 import type { ImageInfo, SnapshotInfo } from '../../core/block-image.js';
 import { sizeToStr } from '../../core/size.js';
+import { qdictOrder } from './json.js';
 
 const pad = (n: number) => ' '.repeat(n);
 const hex = (n: number) => (n === 0 ? '0' : `0x${n.toString(16)}`);
@@ -26,7 +27,8 @@ export function infoHuman(info: ImageInfo): string {
     out += 'Snapshot list:\n' + snapshotTable(info.snapshots);
   }
   if (info.formatSpecific) {
-    out += 'Format specific information:\n' + dumpValue(info.formatSpecific.data, 1);
+    // qemu dumps the QDict, so members come in QDict (hash) order as in JSON
+    out += 'Format specific information:\n' + dumpValue(qdictOrder(info.formatSpecific.data), 1);
   }
   return out;
 }

@@ -224,6 +224,12 @@ export class Qcow2Image implements BlockImage {
     });
   }
 
+  async persistentBitmaps(): Promise<Array<{ name: string; granularity: number }>> {
+    if (!this.header.bitmaps) return [];
+    const entries = await readBitmapDirectory(this.file, this.header.bitmaps, this.geometry.clusterSize);
+    return entries.map((e) => ({ name: e.name, granularity: e.granularity }));
+  }
+
   /** Compression algorithm and unit for convert -c. */
   get compression(): { algorithm: 'deflate' | 'zstd'; clusterSize: number } {
     return { algorithm: this.header.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'deflate', clusterSize: this.geometry.clusterSize };

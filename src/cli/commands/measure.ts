@@ -1,0 +1,63 @@
+/** `qimg measure [--output=human|json] [-O fmt] [-o options] [--size N | [-f fmt] [-l snapshot] FILE]` */
+import type { Command } from 'commander';
+import { findDriver } from '../../core/driver.js';
+import { openImage } from '../../core/open.js';
+import { formatOptionHelp } from '../../core/options.js';
+import { parseImageSize } from '../../core/size.js';
+import { measure } from '../../ops/measure.js';
+import { openSnapshotView, parseSnapshotParam } from '../../ops/snapshot-param.js';
+import { UsageError } from '../errors.js';
+import { prettyJson } from '../output/json.js';
+import { collect, parseOutputFormat, writeOut } from './common.js';
+
+export function registerMeasure(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
+  program
+    .command('measure')
+    .description('compute the size a new image of some format would need')
+    .option('--output <ofmt>', 'human or json', 'human')
+    .option('-O, --target-format <fmt>', 'format of the new image', 'raw')
+    .option('-o, --options <options>', 'options of the new image', collect, [] as string[])
+    .option('-s, --size <size>', 'measure a new empty image of this size')
+    .option('-f, --format <fmt>', 'format of FILE')
+    .option('-l, --snapshot <snapshot>', 'measure an internal snapshot of FILE')
+    .option('-U, --force-share', 'open even if the image is in use')
+    .argument('[filename]')
+    .action((filename: string | undefined, opts: { output?: string; targetFormat: string; options: string[]; size?: string; format?: string; snapshot?: string }) =>
+      run(filename, async () => {
+        const output = parseOutputFormat(opts.output);
+        if (!findDriver(opts.targetFormat)) throw new UsageError(`Unknown file format '${opts.targetFormat}'`);
+        if (filename !== undefined && opts.size !== undefined) throw new UsageError('--size N cannot be used together with a filename.');
+        if (filename === undefined && opts.size === undefined && !opts.options.some((o) => /(^|,)(help|\?)(,|$)/.test(o))) {
+          throw new UsageError('Either --size N or one filename must be specified.');
+        }
+        let source = filename !== undefined ? await openImage(filename, { format: opts.format }) : undefined;
+        const parent = source;
+        try {
+          if (source && opts.snapshot !== undefined) {
+            source = await openSnapshotView(source, parseSnapshotParam(opts.snapshot));
+          }
+          const size = opts.size !== undefined ? parseImageSize(opts.size) : undefined;
+          const r = await measure({ format: opts.targetFormat, optionStrings: opts.options, size, source });
+          if (r === 'help') {
+            const d = findDriver(opts.targetFormat)!;
+            await writeOut(formatOptionHelp(d.name, d.createOptions));
+            return;
+          }
+          if (output === 'json') {
+            const o: Record<string, number> = {};
+            if (r.bitmaps !== undefined) o.bitmaps = r.bitmaps;
+            o.required = r.required;
+            o['fully-allocated'] = r.fullyAllocated;
+            await writeOut(prettyJson(o) + '\n');
+          } else {
+            let text = `required size: ${r.required}\nfully allocated size: ${r.fullyAllocated}\n`;
+            if (r.bitmaps !== undefined) text += `bitmaps size: ${r.bitmaps}\n`;
+            await writeOut(text);
+          }
+        } finally {
+          if (source && source !== parent) await source.close();
+          if (parent) await parent.close();
+        }
+      }),
+    );
+}
