@@ -188,8 +188,10 @@ export class ClusterWriter {
    */
   private async composeRun(clusterStart: number, count: number, data: Buffer, dataOffset: number, from: number, to: number): Promise<Buffer> {
     const cs = this.g.clusterSize;
-    const buf = Buffer.allocUnsafe(count * cs);
     const runEnd = clusterStart + count * cs;
+    // Whole clusters covered by the request: its data is the content, no copy needed.
+    if (from === clusterStart && to === runEnd) return data.subarray(from - dataOffset, to - dataOffset);
+    const buf = Buffer.allocUnsafe(count * cs);
     const virtualEnd = this.img.virtualSize;
     // Head and tail that the request leaves untouched keep the guest's current data.
     if (from > clusterStart) await this.readCurrent(clusterStart, buf.subarray(0, from - clusterStart));

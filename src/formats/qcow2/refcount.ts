@@ -153,6 +153,18 @@ export class Refcounts {
     if (value === 0 && cluster < this.freeHint) this.freeHint = cluster;
   }
 
+  /** Sets the refcount of `n` clusters from `first`, whose blocks exist, block by block. */
+  private async setRange(first: number, n: number, value: number): Promise<void> {
+    for (let c = first; c < first + n; ) {
+      const index = Math.floor(c / this.blockEntries);
+      const off = this.blockOffset(index);
+      const block = await this.blocks.get(off);
+      const end = Math.min(first + n, (index + 1) * this.blockEntries);
+      for (; c < end; c++) writeRefcountEntry(block, c % this.blockEntries, this.bits, value);
+      this.blocks.markDirty(off, block);
+    }
+  }
+
   /** Adds `delta` (may be negative, applied at once: only for clusters nothing references yet). */
   async add(cluster: number, delta: number): Promise<void> {
     await this.set(cluster, (await this.get(cluster)) + delta);
@@ -261,7 +273,7 @@ export class Refcounts {
         }
       }
       if (missing < 0) {
-        for (let c = start; c < start + n; c++) await this.set(c, 1);
+        await this.setRange(start, n, 1);
         this.freeHint = start + n;
         return start * this.clusterSize;
       }
