@@ -11,8 +11,10 @@ export default defineConfig({
   splitting: true,
   sourcemap: false,
   // The CLI's own dependencies are bundled so that startup reads one file instead of
-  // resolving packages; koffi (native), piscina (spawns its workers by path) and fzstd
-  // (decompression, loaded with the qcow2 code) stay external.
-  noExternal: ['commander', 'cli-progress'],
-  external: ['koffi', 'fzstd', 'piscina'],
+  // resolving packages; koffi (native), piscina (spawns its workers by path), fzstd and
+  // cli-progress (loaded only when needed) stay external.
+  noExternal: ['commander'],
+  // Bundled CommonJS (commander) requires Node built-ins: give the ESM bundle a require.
+  banner: { js: "import { createRequire as __qimgCreateRequire } from 'node:module'; const require = __qimgCreateRequire(import.meta.url);" },
+  external: ['koffi', 'fzstd', 'piscina', 'cli-progress'],
 });

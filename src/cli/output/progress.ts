@@ -3,7 +3,13 @@
  * qemu-img's "    (NN.NN/100%)" updates on stdout otherwise, or one JSON object per
  * update with --progress=json. Driven by bytes done, independent of the operation.
  */
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
+import type * as CliProgress from 'cli-progress';
+
+/** cli-progress is loaded only when a terminal bar is drawn (keeps startup light). */
+function loadCliProgress(): typeof CliProgress {
+  return createRequire(import.meta.url)('cli-progress') as typeof CliProgress;
+}
 
 export type ProgressMode = 'off' | 'auto' | 'json';
 
@@ -47,6 +53,7 @@ export function createProgress(mode: ProgressMode): ProgressReporter {
     };
   }
   if (process.stderr.isTTY) {
+    const cliProgress = loadCliProgress();
     const bar = new cliProgress.SingleBar(
       {
         format: ' {bar} {percentage}% | {doneText}/{totalText} | {rate}/s | ETA {eta_formatted}',
