@@ -4,6 +4,7 @@ import { registerAmend } from './commands/amend.js';
 import { registerCompare } from './commands/compare.js';
 import { registerConvert } from './commands/convert.js';
 import { registerMeasure } from './commands/measure.js';
+import { registerSnapshot } from './commands/snapshot.js';
 import { registerCreate } from './commands/create.js';
 import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
@@ -48,6 +49,7 @@ export function buildProgram(result: RunResult): Command {
   registerConvert(program, run);
   registerCompare(program, run);
   registerMeasure(program, run);
+  registerSnapshot(program, run);
   for (const cmd of program.commands) {
     cmd.exitOverride().configureOutput(program.configureOutput()).allowExcessArguments(false);
   }

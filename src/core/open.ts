@@ -4,7 +4,7 @@
  * loops and excessive depth refused (qemu-img can hang on a self-referencing chain).
  */
 import { isAbsolute, resolve } from 'node:path';
-import { realpathSync } from 'node:fs';
+import { realpathSync, statSync } from 'node:fs';
 import type { BlockImage } from './block-image.js';
 import { findDriver, probeDriver } from './driver.js';
 import { QimgError } from './errors.js';
@@ -36,6 +36,8 @@ export interface OpenContext {
   options: OpenOptions;
   /** real paths of the images above this one, top first */
   chain: string[];
+  /** set once a dirty image has been repaired during this open */
+  repairedDirty?: boolean;
   /** opens a backing (or other referenced) image in this chain */
   openBacking(name: string, format: string | undefined, from: string): Promise<BlockImage>;
 }
@@ -80,6 +82,12 @@ async function openInChain(
   if (chain.length >= MAX_CHAIN_DEPTH) {
     throw new QimgError(`Backing chain is deeper than ${MAX_CHAIN_DEPTH} images`);
   }
+  // open() of a FIFO without a writer never returns (qemu-img hangs there too), and
+  // neither a FIFO nor a socket can be an image: refuse them before opening.
+  const st = statOrUndefined(filename);
+  if (st && (st.isFIFO() || st.isSocket())) {
+    throw new QimgError(`Could not open '${filename}': not a regular file or block device`, { file: filename });
+  }
   const writable = chain.length === 0 && !!options.writable;
   const file = await ImageFile.open(filename, { writable });
   try {
@@ -98,6 +106,14 @@ async function openInChain(
   } catch (err) {
     await file.close().catch(() => undefined);
     throw err;
+  }
+}
+
+function statOrUndefined(path: string): ReturnType<typeof statSync> | undefined {
+  try {
+    return statSync(path);
+  } catch {
+    return undefined; // ImageFile.open reports it
   }
 }
 

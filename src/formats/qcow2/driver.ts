@@ -24,6 +24,7 @@ import { TableCache } from './table-cache.js';
 import { writeU64 } from '../../core/units.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
 import { readLuksInfo } from './luks.js';
+import { checkQcow2, FIX_ERRORS, FIX_LEAKS } from './check.js';
 import { qcow2CreateOptions } from './options.js';
 import { createQcow2, describeQcow2Create, qcow2SpecFromOptions } from './create.js';
 
@@ -51,9 +52,9 @@ export class Qcow2Image implements BlockImage {
     readonly file: ImageFile,
     readonly filename: string,
     readonly header: Qcow2Header,
-    readonly l1: Buffer,
+    public l1: Buffer,
     readonly refcountTable: Buffer,
-    readonly snapshots: Qcow2Snapshot[],
+    public snapshots: Qcow2Snapshot[],
     readonly dataFile: ImageFile | null,
     readonly backing: BlockImage | null,
   ) {
@@ -334,6 +335,102 @@ export class Qcow2Image implements BlockImage {
     return view;
   }
 
+  // --- pieces for internal snapshots and resizing (snapshot-ops.ts, resize) ---
+
+  /** L2 table offset of entry `index` of any L1 table (validated). */
+  l2OffsetAt(l1: Buffer, index: number): number {
+    return l2OffsetFromL1(l1, index, this.geometry, this.filename);
+  }
+
+  loadL2(offset: number): Promise<Buffer> {
+    return this.l2Cache.get(offset);
+  }
+
+  /** A cluster that held an L2 table was freed: its cached copy must not be written. */
+  forgetL2(offset: number): void {
+    this.l2Cache.drop(offset);
+  }
+
+  markL1Dirty(index: number): void {
+    this.l1Dirty.add(index);
+  }
+
+  /** Writes every change with the ordered flush (refcounts, L2, L1, then frees). */
+  async flushAll(): Promise<void> {
+    await this.beginModification();
+    await this.flushMetadata(true);
+  }
+
+  private async writeHeaderBytes(offset: number, bytes: Buffer): Promise<void> {
+    await this.file.write(bytes, offset);
+    await this.sync();
+  }
+
+  /** Switches the header to a new snapshot table (nb_snapshots and offset in one write). */
+  async setSnapshotTable(offset: number, snaps: Qcow2Snapshot[]): Promise<void> {
+    const b = Buffer.alloc(12);
+    b.writeUInt32BE(snaps.length, 0);
+    writeU64(b, 4, offset);
+    await this.writeHeaderBytes(60, b);
+    this.header.nbSnapshots = snaps.length;
+    this.header.snapshotsOffset = offset;
+    this.snapshots = snaps;
+  }
+
+  /** Overwrites the active L1 table in place with `next` (same size), durably. */
+  async replaceActiveL1(next: Buffer): Promise<void> {
+    if (next.length !== this.header.l1Size * 8) throw new Error('L1 size mismatch');
+    await this.file.write(next, this.header.l1TableOffset);
+    await this.sync();
+    this.l1 = next;
+    this.l1Dirty.clear();
+  }
+
+  /**
+   * A bigger active L1 table: written to new clusters, then the header switched to it,
+   * then the old one freed.
+   */
+  async growL1(entries: number): Promise<void> {
+    if (entries <= this.header.l1Size) return;
+    if (entries * 8 > C.MAX_L1_BYTES) throw new QimgError('Active L1 table too large', { file: this.filename });
+    await this.flushMetadata(true);
+    const cs = this.geometry.clusterSize;
+    const next = Buffer.alloc(entries * 8);
+    this.l1.copy(next);
+    const offset = await this.refcounts.allocate(Math.ceil(next.length / cs));
+    await this.refcounts.flush();
+    await this.file.write(next, offset);
+    await this.sync();
+    const b = Buffer.alloc(12);
+    b.writeUInt32BE(entries, 0);
+    writeU64(b, 4, offset);
+    await this.writeHeaderBytes(36, b);
+    const old = { offset: this.header.l1TableOffset, size: this.header.l1Size };
+    this.header.l1Size = entries;
+    this.header.l1TableOffset = offset;
+    this.l1 = next;
+    if (old.size > 0) {
+      const first = old.offset / cs;
+      for (let c = first; c < first + Math.ceil((old.size * 8) / cs); c++) await this.refcounts.add(c, -1);
+    }
+    await this.refcounts.flush();
+  }
+
+  /** Writes the virtual size into the header. */
+  async setVirtualSize(size: number): Promise<void> {
+    const b = Buffer.alloc(8);
+    writeU64(b, 0, size);
+    await this.writeHeaderBytes(24, b);
+    this.header.size = size;
+  }
+
+  /** Before applying a snapshot of another size: room for its L1 and its size. */
+  async resizeForSnapshot(size: number, l1Entries: number): Promise<void> {
+    await this.beginModification();
+    await this.growL1(l1Entries);
+    await this.setVirtualSize(size);
+  }
+
   /** fdatasync of the image (and data file), unless the cache mode is unsafe. */
   async sync(): Promise<void> {
     if (this.unsafeCache || !this.file.writable) return;
@@ -606,6 +703,14 @@ async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage>
 
   if (ctx.options.writable && h.incompatibleFeatures & C.INCOMPAT_CORRUPT) {
     throw new QimgError('qcow2: Image is corrupt; cannot be opened read/write', { file: name });
+  }
+  if (ctx.options.writable && h.incompatibleFeatures & C.INCOMPAT_DIRTY && !ctx.repairedDirty) {
+    // Lazy refcounts left stale by an unclean shutdown: rebuild them first, as QEMU does.
+    const result = await checkQcow2(name, { fix: FIX_LEAKS | FIX_ERRORS, log: () => undefined }).catch((err: unknown) => {
+      throw new QimgError(`Could not repair dirty image: ${err instanceof Error ? err.message : String(err)}`, { file: name });
+    });
+    if (result.corruptions > 0 || result.checkErrors > 0) throw new QimgError('Could not repair dirty image', { file: name });
+    return openQcow2(file, { ...ctx, repairedDirty: true });
   }
   if (!metadataOnly && h.cryptMethod !== C.CRYPT_NONE) {
     throw new UnsupportedError(name, 'Encrypted qcow2 images cannot be read yet (qimg does not support qcow2 encryption)');

@@ -1,0 +1,51 @@
+/**
+ * `check`: format dispatch and the result qemu-img reports (its ImageCheck). Only
+ * qcow2 has a check; every other format answers "does not support checks" (exit 63).
+ */
+import { QimgError } from '../core/errors.js';
+import { openImage } from '../core/open.js';
+import { checkQcow2, FIX_ERRORS, FIX_LEAKS, type Qcow2CheckResult } from '../formats/qcow2/check.js';
+
+export { FIX_ERRORS, FIX_LEAKS };
+
+/** qemu's ImageCheck: one check pass of one image. */
+export interface ImageCheck extends Qcow2CheckResult {
+  filename: string;
+  format: string;
+}
+
+export interface CheckOptions {
+  /** -f */
+  format?: string;
+  /** FIX_LEAKS | FIX_ERRORS (0: read-only check) */
+  fix: number;
+  /** per-problem lines (stderr in the CLI) */
+  log: (line: string) => void;
+}
+
+/** Exit code qemu-img uses when a format has no consistency check. */
+export const EXIT_NO_CHECK = 63;
+
+/**
+ * Opens the image as a read-only BlockImage first (format probing, header and
+ * backing-chain validation, as qemu-img opens it), then runs the format's check on
+ * the file itself.
+ */
+export async function checkImage(filename: string, opts: CheckOptions): Promise<ImageCheck> {
+  const img = await openImage(filename, { format: opts.format });
+  const format = img.format;
+  await img.close();
+  if (format !== 'qcow2') {
+    throw new QimgError('This image format does not support checks', { file: filename, exitCode: EXIT_NO_CHECK });
+  }
+  const res = await checkQcow2(filename, { fix: opts.fix, log: opts.log });
+  return { ...res, filename, format };
+}
+
+/** Exit code for a finished check: 1 internal errors, 2 corruptions, 3 leaks, 0 clean. */
+export function checkExitCode(c: ImageCheck): number {
+  if (c.checkErrors) return 1;
+  if (c.corruptions) return 2;
+  if (c.leaks) return 3;
+  return 0;
+}

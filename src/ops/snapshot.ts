@@ -1,0 +1,35 @@
+/** `snapshot`: list, create, apply and delete internal snapshots (qcow2). */
+import type { SnapshotInfo } from '../core/block-image.js';
+import { QimgError } from '../core/errors.js';
+import { openImage } from '../core/open.js';
+import type { Qcow2Image } from '../formats/qcow2/driver.js';
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../formats/qcow2/snapshot-ops.js';
+
+export type SnapshotAction = { kind: 'list' } | { kind: 'create' | 'apply' | 'delete'; name: string };
+
+const VERB = { create: 'create', apply: 'apply', delete: 'delete' } as const;
+
+/** Runs one action; `list` returns the snapshots (empty for formats without any). */
+export async function snapshotCommand(filename: string, format: string | undefined, action: SnapshotAction): Promise<SnapshotInfo[]> {
+  if (action.kind === 'list') {
+    const img = await openImage(filename, { format, metadataOnly: true });
+    try {
+      return (await img.info()).snapshots ?? [];
+    } finally {
+      await img.close();
+    }
+  }
+  const img = await openImage(filename, { format, writable: true, noBacking: true });
+  try {
+    if (img.format !== 'qcow2') {
+      throw new QimgError(`Could not ${VERB[action.kind]} snapshot '${action.name}': Operation not supported`, { file: filename });
+    }
+    const q = img as Qcow2Image;
+    if (action.kind === 'create') await createSnapshot(q, action.name);
+    else if (action.kind === 'apply') await applySnapshot(q, action.name);
+    else await deleteSnapshot(q, action.name);
+  } finally {
+    await img.close();
+  }
+  return [];
+}
