@@ -2,8 +2,14 @@
 import { registerFormats } from '../formats/index.js';
 import type { Command } from 'commander';
 import { buildProgram, isCommanderError } from './program.js';
+import { reportError } from './errors.js';
 
 export async function main(argv: string[]): Promise<void> {
+  // Last resort: a failure nothing awaited still ends in one line, never a stack trace.
+  process.on('unhandledRejection', (err) => {
+    reportError(err);
+    process.exit(1);
+  });
   registerFormats();
   const result = { code: 0 };
   const program = buildProgram(result);

@@ -15,6 +15,8 @@ export interface CopyOptions {
   targetIsZero: boolean;
   /** copy only what each source's top layer allocates (convert -B: the rest comes from the new backing) */
   topOnly?: boolean;
+  /** copy only what layers above this chain depth hold (commit: BASE and below are skipped) */
+  aboveDepth?: number;
   /** reads in flight (convert -m) */
   parallel: number;
   /** write chunks as soon as they are read (convert -W) */
@@ -66,7 +68,7 @@ async function* workItems(sources: BlockImage[], opts: CopyOptions): AsyncGenera
     while (pos < size) {
       const e = opts.topOnly ? await topLayerExtent(src, pos, size - pos) : await extentAt(src, pos, size - pos);
       const end = e.offset + e.length;
-      if (e.kind === 'data') {
+      if (e.kind === 'data' && (opts.aboveDepth === undefined || e.depth < opts.aboveDepth)) {
         const start = Math.max(dataEnd, Math.floor((base + e.offset) / unit) * unit - base);
         const stop = Math.min(size, Math.ceil((base + end) / unit) * unit - base);
         if (pending) {
@@ -84,7 +86,7 @@ async function* workItems(sources: BlockImage[], opts: CopyOptions): AsyncGenera
         pos = stop;
         continue;
       }
-      const kind: Item['kind'] = opts.topOnly && e.kind === 'unallocated' ? 'skip' : 'zero';
+      const kind: Item['kind'] = (opts.topOnly && e.kind === 'unallocated') || (opts.aboveDepth !== undefined && (!e.present || e.depth >= opts.aboveDepth)) ? 'skip' : 'zero';
       if (pending && pending.kind === kind && pending.srcOffset + pending.length === e.offset) {
         pending.length += e.length;
       } else {
@@ -162,7 +164,11 @@ export async function copyImages(sources: BlockImage[], target: BlockImage, opts
 
   try {
     for await (const item of workItems(sources, opts)) {
-      inflight.push({ item, read: startRead(item) });
+      const read = startRead(item);
+      // A read that fails while queued is reported when its turn comes, not as an
+      // unhandled rejection.
+      read.catch(() => undefined);
+      inflight.push({ item, read });
       if (inflight.filter((x) => x.item.kind === 'data').length >= parallel) {
         const head = inflight.shift()!;
         const data = await head.read;

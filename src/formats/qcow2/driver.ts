@@ -22,6 +22,7 @@ import { Mutex } from '../../core/mutex.js';
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
 import { TableCache } from './table-cache.js';
 import { writeU64 } from '../../core/units.js';
+import { cloneHeader, serializeHeader } from './header-serialize.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
 import { readLuksInfo } from './luks.js';
 import { checkQcow2, FIX_ERRORS, FIX_LEAKS } from './check.js';
@@ -166,6 +167,15 @@ export class Qcow2Image implements BlockImage {
     return { offset, table };
   }
 
+  /** Unlinks an (emptied) L2 table from the L1 table and releases its cluster. */
+  dropL2(l1Index: number, offset: number): void {
+    this.l1.writeUInt32BE(0, l1Index * 8);
+    this.l1.writeUInt32BE(0, l1Index * 8 + 4);
+    this.l1Dirty.add(l1Index);
+    this.l2Cache.drop(offset);
+    this.refcounts.free(offset);
+  }
+
   markL2Dirty(slot: { offset: number; table: Buffer }): void {
     this.l2Cache.markDirty(slot.offset, slot.table);
   }
@@ -260,12 +270,72 @@ export class Qcow2Image implements BlockImage {
     });
   }
 
-  /** Allocates every cluster (create's preallocation modes). */
-  async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+  /** Allocates every cluster from `from` on (create's and resize's preallocation modes). */
+  async preallocate(mode: 'metadata' | 'falloc' | 'full', from = 0): Promise<void> {
     if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
     await this.lock.run(async () => {
       await this.beginModification();
-      await this.writer.preallocate(mode);
+      await this.writer.preallocate(mode, from);
+    });
+  }
+
+  /**
+   * Changes the virtual size. Growing makes room in the L1 table (written anew, then
+   * the header switched) and makes the new area read as zeros even where a longer
+   * backing file lies below; shrinking releases every cluster past the new end.
+   */
+  async resize(size: number, opts: { preallocation?: 'off' | 'metadata' | 'falloc' | 'full' } = {}): Promise<void> {
+    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
+    if (size % 512 !== 0) throw new QimgError('The new size must be a multiple of 512', { file: this.filename });
+    const g = this.geometry;
+    const old = this.virtualSize;
+    const needed = Math.ceil(size / (g.clusterSize * g.l2Entries));
+    if (size < old) {
+      // Whole clusters past the new end are released (full discard, as QEMU's truncate).
+      await this.lock.run(async () => {
+        await this.beginModification();
+        await this.writer.unmapFrom(Math.ceil(size / g.clusterSize) * g.clusterSize);
+        await this.flushMetadata(true);
+        await this.setVirtualSize(size);
+      });
+      return;
+    }
+    if (size === old) return;
+    await this.lock.run(async () => {
+      await this.beginModification();
+      await this.growL1(needed);
+      await this.setVirtualSize(size);
+    });
+    // The tail of the old last cluster and anything a longer backing file would show.
+    const tailEnd = Math.min(size, Math.ceil(old / g.clusterSize) * g.clusterSize);
+    if (tailEnd > old) await this.writeZeroes(old, tailEnd - old);
+    if (this.backing && this.backing.virtualSize > old) await this.writeZeroes(old, Math.min(size, this.backing.virtualSize) - old);
+    if (opts.preallocation && opts.preallocation !== 'off') await this.preallocate(opts.preallocation, old);
+    await this.flush();
+  }
+
+  /** Drops every cluster of the active L1 (commit's "make empty"), keeping snapshots intact. */
+  async makeEmpty(): Promise<void> {
+    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
+    await this.lock.run(async () => {
+      await this.beginModification();
+      await this.writer.unmapFrom(0);
+      await this.flushMetadata(true);
+    });
+  }
+
+  /** Rewrites cluster 0 with a new backing file name and format (rebase). */
+  async setBacking(name: string | undefined, format: string | undefined): Promise<void> {
+    await this.lock.run(async () => {
+      await this.flushMetadata(true);
+      const h = cloneHeader(this.header);
+      h.backingFile = name;
+      h.backingFormat = name === undefined ? undefined : format;
+      const head = Buffer.alloc(this.geometry.clusterSize);
+      serializeHeader(h).copy(head);
+      await this.file.write(head, 0);
+      await this.sync();
+      Object.assign(this.header, h);
     });
   }
 
@@ -712,11 +782,11 @@ async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage>
     if (result.corruptions > 0 || result.checkErrors > 0) throw new QimgError('Could not repair dirty image', { file: name });
     return openQcow2(file, { ...ctx, repairedDirty: true });
   }
-  if (!metadataOnly && h.cryptMethod !== C.CRYPT_NONE) {
-    throw new UnsupportedError(name, 'Encrypted qcow2 images cannot be read yet (qimg does not support qcow2 encryption)');
-  }
   if (h.cryptMethod === C.CRYPT_LUKS && !h.crypto && !metadataOnly) {
     throw new CorruptImageError(name, 'Missing CRYPTO header for crypt method 2');
+  }
+  if (!metadataOnly && h.cryptMethod !== C.CRYPT_NONE) {
+    throw new UnsupportedError(name, 'Encrypted qcow2 images cannot be read yet (qimg does not support qcow2 encryption)');
   }
 
   const l1 = await file.readBytes(h.l1TableOffset, h.l1Size * 8);

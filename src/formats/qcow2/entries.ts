@@ -46,43 +46,71 @@ export interface Run {
   compressed?: { hostOffset: number; size: number };
 }
 
-/** Host offset in bits 9..55 of an entry, or an error past 2^53 (no real file is that large). */
+/** Bits 9..55 of an entry as a bigint (for messages about offsets qimg cannot hold). */
+function rawOffset(hi: number, lo: number): bigint {
+  return (BigInt(hi & OFFSET_MASK_HI) << 32n) | BigInt((lo & OFFSET_MASK_LO) >>> 0);
+}
+
+/** C's "%#x", as qemu's messages print numbers: 0 stays "0". */
+function hex(v: number | bigint): string {
+  return v === 0 || v === 0n ? '0' : `0x${v.toString(16)}`;
+}
+
+/**
+ * Host offset in bits 9..55 of an entry, or an error past 2^53 (no real file is that
+ * large; qemu would read zeros there). Callers check alignment first, as qemu does,
+ * so that an unaligned huge offset gets qemu's message.
+ */
 function hostOffsetOf(hi: number, lo: number, file: string): number {
   const h = hi & OFFSET_MASK_HI;
-  if (h >= 0x200000) throw new CorruptImageError(file, `Image is corrupt: cluster offset 0x${(BigInt(h) << 32n | BigInt(lo & OFFSET_MASK_LO)).toString(16)} is beyond 2^53`);
+  if (h >= 0x200000) throw new CorruptImageError(file, `Image is corrupt: cluster offset ${hex(rawOffset(hi, lo))} is beyond 2^53`);
   return h * 0x100000000 + ((lo & OFFSET_MASK_LO) >>> 0);
+}
+
+/** Is the offset of an entry cluster aligned? (Clusters are at most 2 MiB: the low word decides.) */
+function entryAligned(lo: number, g: Geometry): boolean {
+  return ((lo & OFFSET_MASK_LO) >>> 0) % g.clusterSize === 0;
 }
 
 /** Decodes a compressed cluster descriptor (bits 0..61). */
 export function compressedDescriptor(hi: number, lo: number, clusterBits: number, file: string): { hostOffset: number; size: number } {
-  const desc = ((BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo >>> 0));
+  const d = decodeDescriptor(hi, lo, clusterBits);
+  if (d.offset > BigInt(Number.MAX_SAFE_INTEGER - 2 ** 22)) {
+    throw new CorruptImageError(file, `Image is corrupt: compressed cluster offset 0x${d.offset.toString(16)} is beyond 2^53`);
+  }
+  return { hostOffset: Number(d.offset), size: d.size };
+}
+
+function decodeDescriptor(hi: number, lo: number, clusterBits: number): { offset: bigint; size: number } {
+  const desc = (BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo >>> 0);
   const x = BigInt(62 - (clusterBits - 8));
   const offset = desc & ((1n << x) - 1n);
   const nbSectors = ((desc >> x) & ((1n << BigInt(clusterBits - 8)) - 1n)) + 1n;
-  if (offset > BigInt(Number.MAX_SAFE_INTEGER - 2 ** 22)) {
-    throw new CorruptImageError(file, `Image is corrupt: compressed cluster offset 0x${offset.toString(16)} is beyond 2^53`);
-  }
-  const hostOffset = Number(offset);
-  const size = Number(nbSectors) * 512 - (hostOffset & 511);
-  return { hostOffset, size };
+  return { offset, size: Number(nbSectors) * 512 - Number(offset & 511n) };
+}
+
+/**
+ * The read path's view of a compressed descriptor: an offset past 2^53 is past the end
+ * of any file, so it is kept (rounded) for the read to fail on, as qemu's read does;
+ * `map`, which never reads compressed data, still works.
+ */
+function readDescriptor(hi: number, lo: number, clusterBits: number): { hostOffset: number; size: number } {
+  const d = decodeDescriptor(hi, lo, clusterBits);
+  return { hostOffset: Number(d.offset), size: d.size };
 }
 
 /** The L2 table offset an L1 entry points to (0 = none), validated for alignment. */
 export function l2OffsetFromL1(l1: Buffer, index: number, g: Geometry, file: string): number {
   const hi = l1.readUInt32BE(index * 8);
   const lo = l1.readUInt32BE(index * 8 + 4);
-  const off = hostOffsetOf(hi, lo, file);
-  if (off % g.clusterSize !== 0) {
-    throw new CorruptImageError(file, `Image is corrupt: L2 table offset 0x${off.toString(16)} unaligned (L1 index: 0x${index.toString(16)})`);
+  if (!entryAligned(lo, g)) {
+    throw new CorruptImageError(file, `Image is corrupt: L2 table offset ${hex(rawOffset(hi, lo))} unaligned (L1 index: ${hex(index)})`);
   }
-  return off;
+  return hostOffsetOf(hi, lo, file);
 }
 
 function invalidEntry(file: string, l2Offset: number, index: number): CorruptImageError {
-  return new CorruptImageError(
-    file,
-    `Image is corrupt: Invalid cluster entry found (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${index.toString(16)})`,
-  );
+  return new CorruptImageError(file, `Image is corrupt: Invalid cluster entry found (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`);
 }
 
 /**
@@ -174,30 +202,31 @@ export function decodeCluster(l2: Buffer, l2Offset: number, index: number, g: Ge
   const lo = l2.readUInt32BE(index * 8 + 4);
   if (hi & OFLAG_COMPRESSED_HI) {
     if (g.hasDataFile) throw invalidEntry(file, l2Offset, index);
-    return { type: Sub.Compressed, compressed: compressedDescriptor(hi, lo, g.clusterBits, file) };
+    return { type: Sub.Compressed, compressed: readDescriptor(hi, lo, g.clusterBits) };
   }
-  const host = hostOffsetOf(hi, lo, file);
   if (lo & OFLAG_ZERO_LO) {
     if (g.version < 3) {
       throw new CorruptImageError(
         file,
-        `Image is corrupt: Zero cluster entry found in pre-v3 image (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${index.toString(16)})`,
+        `Image is corrupt: Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`,
       );
     }
+    checkAligned(hi, lo, l2Offset, index, g, file);
+    const host = hostOffsetOf(hi, lo, file);
     if (host === 0) return { type: Sub.ZeroPlain };
-    checkAligned(host, l2Offset, index, g, file);
     return { type: Sub.ZeroAlloc, hostOffset: host };
   }
+  checkAligned(hi, lo, l2Offset, index, g, file);
+  const host = hostOffsetOf(hi, lo, file);
   if (host === 0 && !(g.hasDataFile && hi & OFLAG_COPIED_HI)) return { type: Sub.UnallocatedPlain };
-  checkAligned(host, l2Offset, index, g, file);
   return { type: Sub.Normal, hostOffset: host };
 }
 
-function checkAligned(host: number, l2Offset: number, index: number, g: Geometry, file: string): void {
-  if (host % g.clusterSize !== 0) {
+function checkAligned(hi: number, lo: number, l2Offset: number, index: number, g: Geometry, file: string): void {
+  if (!entryAligned(lo, g)) {
     throw new CorruptImageError(
       file,
-      `Image is corrupt: Cluster allocation offset 0x${host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${index.toString(16)})`,
+      `Image is corrupt: Cluster allocation offset ${hex(rawOffset(hi, lo))} unaligned (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`,
     );
   }
 }
@@ -219,17 +248,17 @@ function decodeExtended(l2: Buffer, l2Offset: number, index: number, g: Geometry
   const allocBits = l2.readUInt32BE(pos + 12);
   if (hi & OFLAG_COMPRESSED_HI) {
     if (g.hasDataFile || zeroBits !== 0 || allocBits !== 0) throw invalidEntry(file, l2Offset, index);
-    return { allocBits: 0, zeroBits: 0, compressed: compressedDescriptor(hi, lo, g.clusterBits, file) };
+    return { allocBits: 0, zeroBits: 0, compressed: readDescriptor(hi, lo, g.clusterBits) };
   }
-  const host = hostOffsetOf(hi, lo, file);
-  const allocated = host !== 0 || (g.hasDataFile && (hi & OFLAG_COPIED_HI) !== 0);
+  const hasOffset = (hi & OFFSET_MASK_HI) !== 0 || (lo & OFFSET_MASK_LO) !== 0;
+  const allocated = hasOffset || (g.hasDataFile && (hi & OFLAG_COPIED_HI) !== 0);
   if (!allocated) {
     if (allocBits !== 0) throw invalidEntry(file, l2Offset, index);
     return { allocBits, zeroBits };
   }
   if ((allocBits & zeroBits) !== 0) throw invalidEntry(file, l2Offset, index);
-  checkAligned(host, l2Offset, index, g, file);
-  return { host, allocBits, zeroBits };
+  checkAligned(hi, lo, l2Offset, index, g, file);
+  return { host: hostOffsetOf(hi, lo, file), allocBits, zeroBits };
 }
 
 function subType(e: ExtEntry, i: number): Sub {

@@ -4,7 +4,7 @@
  * extensions are kept so that a later writer can round-trip them.
  */
 import { CorruptImageError, UnsupportedError } from '../../core/errors.js';
-import { readU64 } from '../../core/units.js';
+import { readU64, u64ToNumber } from '../../core/units.js';
 import type { ImageFile } from '../../io/file.js';
 import * as C from './constants.js';
 
@@ -55,11 +55,21 @@ export interface Qcow2Header {
   unknownExtensions: Array<{ type: number; data: Buffer }>;
 }
 
-/** Does this buffer start like a qcow2 image (magic and version >= 2), as qemu probes? */
+/**
+ * Does this buffer start like a qcow2 image? qemu probes version >= 2 as qcow2 and
+ * version 1 as the older qcow format; qimg has no qcow driver, so it claims version 1
+ * too (and refuses it when opening) rather than letting it fall through to raw.
+ */
 export function probeQcow2(head: Buffer): number {
   if (head.length < 8) return 0;
   if (head.readUInt32BE(0) !== C.QCOW2_MAGIC) return 0;
-  return head.readUInt32BE(4) >= 2 ? 100 : 0;
+  return head.readUInt32BE(4) >= 1 ? 100 : 0;
+}
+
+/** A name stored in the image: qemu uses it as a C string, so it ends at the first NUL. */
+function storedName(bytes: Buffer): string {
+  const nul = bytes.indexOf(0);
+  return (nul < 0 ? bytes : bytes.subarray(0, nul)).toString('utf8');
 }
 
 /** Reads and validates the header of `file`. */
@@ -83,7 +93,7 @@ export async function readHeader(file: ImageFile): Promise<Qcow2Header> {
     backingFileOffset: readU64(base, 8, 'Backing file offset', name),
     backingFileSize: base.readUInt32BE(16),
     clusterBits,
-    size: readU64(base, 24, 'Image size', name),
+    size: 0, // set once the L1 checks accepted it (qemu's messages come first)
     cryptMethod: base.readUInt32BE(32),
     l1Size: base.readUInt32BE(36),
     l1TableOffset: readU64(base, 40, 'L1 table offset', name),
@@ -125,10 +135,10 @@ export async function readHeader(file: ImageFile): Promise<Qcow2Header> {
   }
   const hasCompressionBit = (h.incompatibleFeatures & C.INCOMPAT_COMPRESSION) !== 0n;
   if (h.compressionType === C.COMPRESSION_ZLIB && hasCompressionBit) {
-    fail('Compression type incompatible feature bit must not be set');
+    fail('qcow2: Compression type incompatible feature bit must not be set');
   }
   if (h.compressionType !== C.COMPRESSION_ZLIB && !hasCompressionBit) {
-    fail('Compression type incompatible feature bit must be set');
+    fail('qcow2: Compression type incompatible feature bit must be set');
   }
 
   // Extensions live between the header and the backing file name (or cluster end).
@@ -157,14 +167,20 @@ export async function readHeader(file: ImageFile): Promise<Qcow2Header> {
   if (h.incompatibleFeatures & C.INCOMPAT_EXTL2 && clusterBits < 14) {
     fail('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
   }
-  const needed = Math.ceil(h.size / (clusterSize * l2Entries));
-  if (needed > 0x7fffffff) fail('Image is too big');
-  if (h.l1Size < needed) fail('L1 table is too small');
+  // In bigint: any u64 size gets qemu's messages before qimg's own 2^53 limit.
+  const sizeRaw = base.readBigUInt64BE(24);
+  const span = BigInt(clusterSize * l2Entries);
+  const needed = (sizeRaw + span - 1n) / span;
+  if (needed > 0x7fffffffn) fail('Image is too big');
+  if (BigInt(h.l1Size) < needed) fail('L1 table is too small');
+  h.size = u64ToNumber(sizeRaw, 'Image size', name);
 
   if (h.backingFileOffset !== 0) {
     const len = h.backingFileSize;
     if (len > Math.min(C.MAX_BACKING_NAME, clusterSize - h.backingFileOffset)) fail('Backing file name too long');
-    h.backingFile = (await file.readBytes(h.backingFileOffset, len)).toString('utf8');
+    const backing = storedName(await file.readBytes(h.backingFileOffset, len));
+    // An empty name means no backing file to qemu (info shows none, reads open none).
+    if (backing !== '') h.backingFile = backing;
   }
 
   if ((h.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n && (h.incompatibleFeatures & C.INCOMPAT_DATA_FILE) === 0n) {
@@ -210,7 +226,7 @@ async function readExtensions(file: ImageFile, h: Qcow2Header, start: number, en
     switch (type) {
       case C.EXT_BACKING_FORMAT:
         if (len > C.MAX_BACKING_FORMAT_LEN) fail(`ERROR: ext_backing_format: len=${len} too large (>=16)`);
-        h.backingFormat = data.toString('utf8');
+        h.backingFormat = storedName(data);
         break;
       case C.EXT_FEATURE_TABLE:
         for (let i = 0; i + 48 <= len; i += 48) {
@@ -244,7 +260,7 @@ async function readExtensions(file: ImageFile, h: Qcow2Header, start: number, en
         if (nb === 0) fail('found bitmaps extension with zero bitmaps');
         const directorySize = readU64(data, 8, 'Bitmap directory size', name);
         const directoryOffset = readU64(data, 16, 'Bitmap directory offset', name);
-        if (directoryOffset % clusterSize !== 0) fail('bitmaps_ext: invalid dir offset');
+        if (directoryOffset % clusterSize !== 0) fail('bitmaps_ext: invalid bitmap directory offset');
         if (directorySize > C.MAX_BITMAP_DIRECTORY) {
           fail(`bitmaps_ext: bitmap directory size (${directorySize}) exceeds the maximum supported size (${C.MAX_BITMAP_DIRECTORY})`);
         }
@@ -252,7 +268,7 @@ async function readExtensions(file: ImageFile, h: Qcow2Header, start: number, en
         break;
       }
       case C.EXT_DATA_FILE:
-        h.dataFile = data.toString('utf8');
+        h.dataFile = storedName(data);
         break;
       default:
         h.unknownExtensions.push({ type, data: Buffer.from(data) });

@@ -25,6 +25,21 @@ export interface Qcow2Snapshot {
 }
 
 const ENTRY_HEADER = 40;
+/** The table is read through a window: 65536 small entries are not 196608 reads. */
+const WINDOW = 1024 * 1024;
+
+/** Reads of a sequentially parsed table; returned buffers share the window (copy what is kept). */
+function windowedReader(file: ImageFile): (pos: number, len: number) => Promise<Buffer> {
+  let buf: Buffer = Buffer.alloc(0);
+  let start = 0;
+  return async (pos, len) => {
+    if (pos < start || pos + len > start + buf.length) {
+      buf = await file.readBytes(pos, Math.max(len, WINDOW));
+      start = pos;
+    }
+    return buf.subarray(pos - start, pos - start + len);
+  };
+}
 
 export async function readSnapshotTable(
   file: ImageFile,
@@ -36,7 +51,7 @@ export async function readSnapshotTable(
   const out: Qcow2Snapshot[] = [];
   const name = file.path;
   let pos = offset;
-  const read = (p: number, len: number) => file.readBytes(p, len);
+  const read = windowedReader(file);
   for (let i = 0; i < count; i++) {
     const h = await read(pos, ENTRY_HEADER);
     const l1TableOffset = readU64(h, 0, 'Snapshot L1 table offset', name);
