@@ -4,6 +4,9 @@ import { registerAmend } from './commands/amend.js';
 import { registerCompare } from './commands/compare.js';
 import { registerConvert } from './commands/convert.js';
 import { registerMeasure } from './commands/measure.js';
+import { registerCommit } from './commands/commit.js';
+import { registerRebase } from './commands/rebase.js';
+import { registerResize } from './commands/resize.js';
 import { registerSnapshot } from './commands/snapshot.js';
 import { registerCreate } from './commands/create.js';
 import { registerInfo } from './commands/info.js';
@@ -49,6 +52,9 @@ export function buildProgram(result: RunResult): Command {
   registerConvert(program, run);
   registerCompare(program, run);
   registerMeasure(program, run);
+  registerCommit(program, run);
+  registerRebase(program, run);
+  registerResize(program, run);
   registerSnapshot(program, run);
   for (const cmd of program.commands) {
     cmd.exitOverride().configureOutput(program.configureOutput()).allowExcessArguments(false);

@@ -98,6 +98,12 @@ export interface BlockImage {
   writeCompressed?(offset: number, compressed: Buffer): Promise<void>;
   /** A read-only view of an internal snapshot, by id and/or name (formats that have them). */
   snapshot?(spec: { id?: string; name?: string }): Promise<BlockImage>;
+  /** Changes the virtual size (formats that can); new space reads as zeros. */
+  resize?(size: number, opts?: { preallocation?: 'off' | 'metadata' | 'falloc' | 'full' }): Promise<void>;
+  /** Rewrites the recorded backing file name and format (rebase); undefined removes it. */
+  setBacking?(name: string | undefined, format: string | undefined): Promise<void>;
+  /** Drops all of this layer's data (commit); reads then fall through to the backing file. */
+  makeEmpty?(): Promise<void>;
   /** Persistent dirty bitmaps stored in the image (formats that have them). */
   persistentBitmaps?(): Promise<Array<{ name: string; granularity: number }>>;
   /** Data the `info` command prints. */

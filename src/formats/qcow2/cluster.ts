@@ -393,23 +393,31 @@ export class ClusterWriter {
    * With extended L2 the subclusters stay unallocated (as QEMU does), so a backing
    * file still shows through and the rest reads as zeros.
    */
-  async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+  async preallocate(mode: 'metadata' | 'falloc' | 'full', from = 0): Promise<void> {
     const g = this.g;
     const cs = g.clusterSize;
     const span = cs * g.l2Entries;
     const size = this.img.virtualSize;
+    // Clusters that start at or after `from` (resize preallocates only the new part).
+    const firstCluster = Math.ceil(from / cs);
     let end = 0;
     // All L2 tables first, then the data: the data clusters then lie in one run.
     const slots = [];
-    for (let l1Index = 0; l1Index * span < size; l1Index++) slots.push(await this.img.l2ForWrite(l1Index));
-    for (let l1Index = 0; l1Index < slots.length; l1Index++) {
-      const slot = slots[l1Index];
-      const first = l1Index * span;
-      const n = Math.min(g.l2Entries, Math.ceil((size - first) / cs));
+    for (let l1Index = Math.floor((firstCluster * cs) / span); l1Index * span < size; l1Index++) {
+      slots.push({ l1Index, slot: await this.img.l2ForWrite(l1Index) });
+    }
+    for (const { l1Index, slot } of slots) {
+      const tableFirst = l1Index * g.l2Entries;
+      const k0 = Math.max(0, firstCluster - tableFirst);
+      const first = (tableFirst + k0) * cs;
+      const n = Math.min(g.l2Entries - k0, Math.ceil((size - first) / cs));
+      if (n <= 0) continue;
       const host = await this.allocateData(first, n);
       for (let k = 0; k < n; k++) {
         const e = { ...hostEntry(host + k * cs, true), zeroBits: 0, allocBits: 0 };
-        storeEntry(slot.table, k, g.extendedL2, e);
+        const old = rawEntry(slot.table, k0 + k, g.extendedL2);
+        this.releaseReplaced(old, slot.offset, k0 + k, host + k * cs);
+        storeEntry(slot.table, k0 + k, g.extendedL2, e);
       }
       this.img.markL2Dirty(slot);
       const length = g.hasDataFile ? Math.min(n * cs, size - first) : n * cs;
@@ -475,5 +483,27 @@ export class ClusterWriter {
     });
     this.releaseReplaced(old, slot.offset, index, -1);
     this.img.markL2Dirty(slot);
+  }
+
+  /**
+   * Releases every cluster from guest offset `from` (cluster aligned) to the end of the
+   * L1 table: entries become unallocated and L2 tables left empty are freed.
+   */
+  async unmapFrom(from: number): Promise<void> {
+    const g = this.g;
+    const cs = g.clusterSize;
+    const span = cs * g.l2Entries;
+    for (let l1Index = Math.floor(from / span); l1Index < this.img.header.l1Size; l1Index++) {
+      if (!this.img.hasL2(l1Index)) continue;
+      const slot = await this.img.l2ForWrite(l1Index);
+      const k0 = l1Index * span >= from ? 0 : Math.ceil((from - l1Index * span) / cs);
+      for (let k = k0; k < g.l2Entries; k++) {
+        const e = rawEntry(slot.table, k, g.extendedL2);
+        this.releaseReplaced(e, slot.offset, k, -1);
+        storeEntry(slot.table, k, g.extendedL2, { hi: 0, lo: 0, zeroBits: 0, allocBits: 0 });
+      }
+      this.img.markL2Dirty(slot);
+      if (k0 === 0) this.img.dropL2(l1Index, slot.offset);
+    }
   }
 }

@@ -321,6 +321,15 @@ export class Qcow2Image implements BlockImage {
       await this.beginModification();
       await this.writer.unmapFrom(0);
       await this.flushMetadata(true);
+      // Give the space back: cut the file after the last cluster still in use.
+      const cs = this.geometry.clusterSize;
+      let last = Math.ceil(this.file.size / cs) - 1;
+      while (last > 0 && (await this.refcounts.get(last)) === 0) last--;
+      const end = Math.max((last + 1) * cs, this.header.l1TableOffset + this.header.l1Size * 8);
+      if (end < this.file.size) {
+        await this.file.truncate(end);
+        await this.sync();
+      }
     });
   }
 

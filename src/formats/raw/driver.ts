@@ -74,6 +74,20 @@ export class RawImage implements BlockImage {
     }
   }
 
+  async resize(size: number, opts: { preallocation?: 'off' | 'metadata' | 'falloc' | 'full' } = {}): Promise<void> {
+    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
+    const mode = opts.preallocation ?? 'off';
+    if (mode === 'metadata') throw new QimgError("Unsupported preallocation mode 'metadata'", { file: this.filename });
+    const old = this.file.size;
+    await this.file.truncate(size);
+    if (size > old && mode === 'falloc') await allocateFile(this.file.fd, size, old);
+    if (size > old && mode === 'full') {
+      const zeros = Buffer.alloc(Math.min(size - old, 4 * 1024 * 1024));
+      for (let p = old; p < size; p += zeros.length) await this.file.write(zeros.subarray(0, Math.min(zeros.length, size - p)), p);
+    }
+    await this.file.flush();
+  }
+
   async discard(offset: number, length: number): Promise<void> {
     this.checkWrite(offset, length);
     // Discard is advisory; a hole reads as zeros, which is what raw users expect.

@@ -1,0 +1,43 @@
+/** `qimg rebase [-f fmt] [-u] -b BACKING|"" [-F fmt] [-p] [-q] [-c] FILE` */
+import type { Command } from 'commander';
+import { rebaseImage } from '../../ops/rebase.js';
+import { UsageError } from '../errors.js';
+import { createProgress, progressMode } from '../output/progress.js';
+
+export function registerRebase(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
+  program
+    .command('rebase')
+    .description("change an image's backing file")
+    .option('-f, --format <fmt>', 'image format (probed when absent)')
+    .option('-b, --backing <file>', 'the new backing file ("" for none)')
+    .option('-F, --backing-format <fmt>', 'format of the new backing file')
+    .option('-B <fmt>', 'format of the new backing file (qemu-img 10 spelling)')
+    .option('-u, --backing-unsafe', 'only rewrite the backing file name (no data is copied)')
+    .option('-c, --compress', 'store copied clusters compressed')
+    .option('-t, --cache <mode>', 'cache mode (accepted for compatibility)')
+    .option('-T, --backing-cache <mode>', 'backing cache mode (accepted for compatibility)')
+    .option('-p, --progress', 'show progress')
+    .option('--progress-json', 'progress as JSON lines')
+    .option('-q, --quiet', 'quiet mode')
+    .option('-U, --force-share', 'accepted for compatibility (rebase writes)')
+    .argument('<filename>')
+    .action(
+      (
+        filename: string,
+        opts: { format?: string; backing?: string; backingFormat?: string; B?: string; backingUnsafe?: boolean; compress?: boolean; progress?: boolean; progressJson?: boolean; quiet?: boolean },
+      ) =>
+        run(filename, async () => {
+          if (opts.backing === undefined) throw new UsageError('Must specify backing file (-b)');
+          const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
+          await rebaseImage(filename, {
+            format: opts.format,
+            backing: opts.backing,
+            backingFormat: opts.backingFormat ?? opts.B,
+            unsafe: opts.backingUnsafe,
+            compress: opts.compress,
+            onProgress: (d, t) => progress.update(d, t),
+          });
+          progress.finish();
+        }),
+    );
+}

@@ -1,0 +1,99 @@
+/**
+ * `rebase`: change an image's backing file. Safe mode first copies into the image
+ * every range it does not own where the old and the new backing file differ (so its
+ * content stays the same), then rewrites the header; `-u` only rewrites the header.
+ * `-b ""` makes the image standalone.
+ */
+import type { BlockImage } from '../core/block-image.js';
+import { QimgError } from '../core/errors.js';
+import { openImage, resolveRelative } from '../core/open.js';
+
+export interface RebaseOptions {
+  format?: string;
+  backing: string;
+  backingFormat?: string;
+  unsafe?: boolean;
+  /** -c: differing clusters are stored compressed */
+  compress?: boolean;
+  onProgress?: (done: number, total: number) => void;
+}
+
+const CHUNK = 2 * 1024 * 1024;
+
+export async function rebaseImage(filename: string, opts: RebaseOptions): Promise<void> {
+  const removing = opts.backing === '';
+  if (!removing && opts.backingFormat === undefined) {
+    throw new QimgError(`Could not change the backing file to '${opts.backing}': backing format must be specified`, { file: filename });
+  }
+  const img = await openImage(filename, { format: opts.format, writable: true, noBacking: !!opts.unsafe });
+  let fresh: BlockImage | null = null;
+  try {
+    if (!img.setBacking) throw new QimgError(`Format '${img.format}' has no backing file to change`, { file: filename });
+    if (!opts.unsafe) {
+      if (!removing) {
+        try {
+          fresh = await openImage(resolveRelative(opts.backing, filename), { format: opts.backingFormat });
+        } catch (err) {
+          throw new QimgError(`Could not open new backing file '${opts.backing}': ${err instanceof Error ? err.message : String(err)}`, { file: filename });
+        }
+      }
+      await copyDifferences(img, fresh, opts);
+    }
+    await img.flush();
+    await img.setBacking(removing ? undefined : opts.backing, removing ? undefined : opts.backingFormat);
+  } finally {
+    if (fresh) await fresh.close();
+    await img.close();
+  }
+}
+
+/** Where the image falls through to its backing file, keep what the old one showed. */
+async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: RebaseOptions): Promise<void> {
+  const size = img.virtualSize;
+  const unit = img.compression?.clusterSize ?? img.allocationUnit;
+  const oldBuf = Buffer.allocUnsafe(CHUNK);
+  const newBuf = Buffer.allocUnsafe(CHUNK);
+  let done = 0;
+  for (let pos = 0; pos < size; ) {
+    const st = await img.layerStatus(pos, Math.min(size - pos, CHUNK));
+    const n = st.length;
+    if (!(st.data || st.zero)) {
+      // Unallocated here: compare old (through the chain) and new backing content.
+      const a = oldBuf.subarray(0, n);
+      const b = newBuf.subarray(0, n);
+      await img.read(pos, a);
+      await readOrZero(fresh, pos, b);
+      if (!a.equals(b)) {
+        // Copy unit by unit so that only differing units get allocated.
+        for (let p = 0; p < n; ) {
+          const start = pos + p;
+          const len = Math.min(unit - (start % unit), n - p);
+          if (!a.subarray(p, p + len).equals(b.subarray(p, p + len))) {
+            if (opts.compress && img.writeCompressed && start % unit === 0 && len === unit) {
+              const { compressUnit } = await import('./compress-one.js');
+              const c = compressUnit(img.compression!.algorithm, a.subarray(p, p + len), unit);
+              if (c) await img.writeCompressed(start, c);
+              else await img.write(start, Buffer.from(a.subarray(p, p + len)));
+            } else {
+              await img.write(start, Buffer.from(a.subarray(p, p + len)));
+            }
+          }
+          p += len;
+        }
+      }
+    }
+    pos += n;
+    done += n;
+    opts.onProgress?.(done, size);
+  }
+}
+
+async function readOrZero(img: BlockImage | null, offset: number, buf: Buffer): Promise<void> {
+  if (!img || offset >= img.virtualSize) {
+    buf.fill(0);
+    return;
+  }
+  const n = Math.min(buf.length, img.virtualSize - offset);
+  await img.read(offset, buf.subarray(0, n));
+  buf.fill(0, n);
+}
