@@ -27,6 +27,10 @@ export interface OpenOptions {
   metadataOnly?: boolean;
   /** do not open the backing file (writes that never read through it: preallocation) */
   noBacking?: boolean;
+  /** -U: take no image locks (read-only opens only) */
+  forceShare?: boolean;
+  /** take no locks on backing files (an operation that itself reopens one to write it) */
+  shareBacking?: boolean;
   /** format of the backing file when the image does not record one */
   backingFormat?: string;
 }
@@ -89,7 +93,13 @@ async function openInChain(
     throw new QimgError(`Could not open '${filename}': not a regular file or block device`, { file: filename });
   }
   const writable = chain.length === 0 && !!options.writable;
-  const file = await ImageFile.open(filename, { writable });
+  if (writable && options.forceShare) {
+    throw new QimgError('force-share=on can only be used with read-only images', { file: filename });
+  }
+  // QEMU's locks: the image being written excludes other writers; every image read
+  // excludes writers too, unless -U (or a backing file this operation reopens itself).
+  const lock = options.forceShare || (chain.length > 0 && options.shareBacking) ? 'none' : writable ? 'write' : 'read';
+  const file = await ImageFile.open(filename, { writable, lock });
   try {
     let driver = format ? findDriver(format) : undefined;
     if (format && !driver) throw new QimgError(`Unknown driver '${format}'`);

@@ -8,6 +8,7 @@ import { constants, readFileSync, statSync } from 'node:fs';
 import { QimgError, describeSystemError } from '../core/errors.js';
 import { native, SEEK_END } from './native.js';
 import { fileRunAt, type FileRun } from './sparse.js';
+import { lockImage, type LockMode } from './lock.js';
 
 export class ImageFile {
   private constructor(
@@ -18,7 +19,11 @@ export class ImageFile {
     readonly isBlockDevice: boolean,
   ) {}
 
-  static async open(path: string, opts: { writable?: boolean } = {}): Promise<ImageFile> {
+  /**
+   * Opens `path`; `lock` takes QEMU-compatible image locks (none by default: internal
+   * re-opens of a file qimg already holds must not conflict with themselves).
+   */
+  static async open(path: string, opts: { writable?: boolean; lock?: LockMode } = {}): Promise<ImageFile> {
     const writable = !!opts.writable;
     let handle: FileHandle;
     try {
@@ -32,6 +37,7 @@ export class ImageFile {
       let size = st.size;
       const isBlockDevice = st.isBlockDevice();
       if (isBlockDevice) size = blockDeviceSize(handle.fd, path);
+      lockImage(handle.fd, path, opts.lock ?? 'none');
       return new ImageFile(path, handle, writable, size, isBlockDevice);
     } catch (err) {
       await handle.close().catch(() => undefined);

@@ -4,6 +4,7 @@
  */
 import { QimgError } from '../core/errors.js';
 import { openImage } from '../core/open.js';
+import { ImageFile } from '../io/file.js';
 import { checkQcow2, FIX_ERRORS, FIX_LEAKS, type Qcow2CheckResult } from '../formats/qcow2/check.js';
 
 export { FIX_ERRORS, FIX_LEAKS };
@@ -21,6 +22,8 @@ export interface CheckOptions {
   fix: number;
   /** per-problem lines (stderr in the CLI) */
   log: (line: string) => void;
+  /** -U: take no image locks */
+  forceShare?: boolean;
 }
 
 /** Exit code qemu-img uses when a format has no consistency check. */
@@ -32,14 +35,20 @@ export const EXIT_NO_CHECK = 63;
  * the file itself.
  */
 export async function checkImage(filename: string, opts: CheckOptions): Promise<ImageCheck> {
-  const img = await openImage(filename, { format: opts.format });
+  const img = await openImage(filename, { format: opts.format, forceShare: opts.forceShare });
   const format = img.format;
   await img.close();
   if (format !== 'qcow2') {
     throw new QimgError('This image format does not support checks', { file: filename, exitCode: EXIT_NO_CHECK });
   }
-  const res = await checkQcow2(filename, { fix: opts.fix, log: opts.log });
-  return { ...res, filename, format };
+  // Hold QEMU's locks while checking: a repair must not race a running VM.
+  const holder = opts.forceShare ? null : await ImageFile.open(filename, { lock: opts.fix ? 'write' : 'read' });
+  try {
+    const res = await checkQcow2(filename, { fix: opts.fix, log: opts.log });
+    return { ...res, filename, format };
+  } finally {
+    await holder?.close();
+  }
 }
 
 /** Exit code for a finished check: 1 internal errors, 2 corruptions, 3 leaks, 0 clean. */

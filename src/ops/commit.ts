@@ -34,7 +34,8 @@ export interface CommitOptions {
 }
 
 export async function commitImage(filename: string, opts: CommitOptions = {}): Promise<void> {
-  const top = await openImage(filename, { format: opts.format, writable: true });
+  // BASE is reopened below to be written: the chain's own handle on it takes no lock.
+  const top = await openImage(filename, { format: opts.format, writable: true, shareBacking: true });
   let base: BlockImage | null = null;
   try {
     if (!top.backing) throw new QimgError('Image does not have a backing file', { file: filename });

@@ -33,6 +33,8 @@ export interface ConvertRequest {
   /** -c: compressed clusters (qcow2) */
   compress?: boolean;
   onProgress?: (done: number, total: number) => void;
+  /** -U: take no locks on the sources */
+  forceShare?: boolean;
   /** flush the target at the end (cache modes other than qemu-img's default "unsafe") */
   flushAtEnd?: boolean;
 }
@@ -49,7 +51,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
   try {
     for (const f of req.sources) {
       try {
-        sources.push(await openImage(f, { format: req.sourceFormat }));
+        sources.push(await openImage(f, { format: req.sourceFormat, forceShare: req.forceShare }));
       } catch (err) {
         if (err instanceof QimgError && err.file === undefined) throw new QimgError(err.message, { file: f, cause: err });
         throw err;

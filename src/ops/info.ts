@@ -9,8 +9,8 @@ import type { ImageInfo } from '../core/block-image.js';
 import { QimgError } from '../core/errors.js';
 import { MAX_CHAIN_DEPTH, openImage } from '../core/open.js';
 
-export async function imageInfo(filename: string, format?: string): Promise<ImageInfo> {
-  const img = await openImage(filename, { format, metadataOnly: true });
+export async function imageInfo(filename: string, format?: string, forceShare = false): Promise<ImageInfo> {
+  const img = await openImage(filename, { format, metadataOnly: true, forceShare });
   try {
     return await img.info();
   } finally {
@@ -19,7 +19,7 @@ export async function imageInfo(filename: string, format?: string): Promise<Imag
 }
 
 /** Info for every layer, top first; loops and excessive depth are errors. */
-export async function chainInfo(filename: string, format?: string): Promise<ImageInfo[]> {
+export async function chainInfo(filename: string, format?: string, forceShare = false): Promise<ImageInfo[]> {
   const out: ImageInfo[] = [];
   const seen = new Set<string>();
   let name: string | undefined = filename;
@@ -36,7 +36,7 @@ export async function chainInfo(filename: string, format?: string): Promise<Imag
     seen.add(real);
     let info: ImageInfo;
     try {
-      info = await imageInfo(name, fmt);
+      info = await imageInfo(name, fmt, forceShare);
     } catch (err) {
       if (out.length === 0 || !(err instanceof QimgError)) throw err;
       throw new QimgError(err.message, { file: name, cause: err });

@@ -10,9 +10,9 @@ export type SnapshotAction = { kind: 'list' } | { kind: 'create' | 'apply' | 'de
 const VERB = { create: 'create', apply: 'apply', delete: 'delete' } as const;
 
 /** Runs one action; `list` returns the snapshots (empty for formats without any). */
-export async function snapshotCommand(filename: string, format: string | undefined, action: SnapshotAction): Promise<SnapshotInfo[]> {
+export async function snapshotCommand(filename: string, format: string | undefined, action: SnapshotAction, forceShare = false): Promise<SnapshotInfo[]> {
   if (action.kind === 'list') {
-    const img = await openImage(filename, { format, metadataOnly: true });
+    const img = await openImage(filename, { format, metadataOnly: true, forceShare });
     try {
       return (await img.info()).snapshots ?? [];
     } finally {

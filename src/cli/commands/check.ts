@@ -38,13 +38,13 @@ export function registerCheck(program: Command, run: (file: string | undefined, 
         if (fix && opts.forceShare) {
           throw new QimgError(`Could not open '${filename}': force-share=on can only be used with read-only images`);
         }
-        return checkCommand(filename, { format: opts.format, fix, json: output === 'json', quiet: !!opts.quiet });
+        return checkCommand(filename, { format: opts.format, fix, json: output === 'json', quiet: !!opts.quiet, forceShare: !!opts.forceShare });
       }),
     );
 }
 
 /** Runs the check (and, after repairs, the second read-only pass); returns the exit code. */
-async function checkCommand(filename: string, o: { format?: string; fix: number; json: boolean; quiet: boolean }): Promise<number> {
+async function checkCommand(filename: string, o: { format?: string; fix: number; json: boolean; quiet: boolean; forceShare: boolean }): Promise<number> {
   // Per-problem lines go to stderr, batched (a damaged image can have millions).
   let pending = '';
   const flushLog = () => {
@@ -68,11 +68,11 @@ async function checkCommand(filename: string, o: { format?: string; fix: number;
 
 async function runChecks(
   filename: string,
-  o: { format?: string; fix: number; json: boolean },
+  o: { format?: string; fix: number; json: boolean; forceShare?: boolean },
   log: (line: string) => void,
   out: (text: string) => Promise<void>,
 ): Promise<number> {
-  let result = await checkImage(filename, { format: o.format, fix: o.fix, log });
+  let result = await checkImage(filename, { format: o.format, fix: o.fix, log, forceShare: o.forceShare });
   if (result.corruptionsFixed || result.leaksFixed) {
     if (!o.json) {
       await out(
@@ -83,7 +83,7 @@ async function runChecks(
       );
     }
     const { leaksFixed, corruptionsFixed } = result;
-    result = await checkImage(filename, { format: o.format, fix: 0, log });
+    result = await checkImage(filename, { format: o.format, fix: 0, log, forceShare: o.forceShare });
     result.leaksFixed = leaksFixed;
     result.corruptionsFixed = corruptionsFixed;
   }

@@ -20,7 +20,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
     .option('-U, --force-share', 'open even if the images are in use')
     .argument('<filename1>')
     .argument('<filename2>')
-    .action((f1: string, f2: string, opts: { aFormat?: string; bFormat?: string; strict?: boolean; progress?: boolean; progressJson?: boolean; quiet?: boolean }) =>
+    .action((f1: string, f2: string, opts: { aFormat?: string; bFormat?: string; strict?: boolean; progress?: boolean; progressJson?: boolean; quiet?: boolean; forceShare?: boolean }) =>
       run(undefined, async () => {
         const images: BlockImage[] = [];
         try {
@@ -29,7 +29,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
             [f2, opts.bFormat],
           ] as const) {
             try {
-              images.push(await openImage(name, { format }));
+              images.push(await openImage(name, { format, forceShare: !!opts.forceShare }));
             } catch (err) {
               // Could not open an image: exit 2, as qemu-img.
               process.stderr.write(formatError(err, name).line + '\n');

@@ -47,6 +47,7 @@ interface ConvertFlags {
   quiet?: boolean;
   targetCache?: string;
   sourceCache?: string;
+  forceShare?: boolean;
 }
 
 export function registerConvert(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
@@ -125,6 +126,7 @@ export function registerConvert(program: Command, run: (file: string | undefined
           outOfOrder: opts.oobWrites,
           snapshot,
           compress: opts.compress,
+          forceShare: opts.forceShare,
           flushAtEnd: opts.targetCache !== undefined && opts.targetCache !== 'unsafe',
           onProgress: (d, t) => progress.update(d, t),
         });

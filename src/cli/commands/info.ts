@@ -14,16 +14,16 @@ export function registerInfo(program: Command, run: (file: string | undefined, f
     .option('--backing-chain', 'show every image of the backing chain')
     .option('-U, --force-share', 'open even if the image is in use (read-only)')
     .argument('<filename>')
-    .action((filename: string, opts: { format?: string; output?: string; backingChain?: boolean }) =>
+    .action((filename: string, opts: { format?: string; output?: string; backingChain?: boolean; forceShare?: boolean }) =>
       run(filename, async () => {
         const output = parseOutputFormat(opts.output);
         if (opts.backingChain) {
-          const infos = await chainInfo(filename, opts.format);
+          const infos = await chainInfo(filename, opts.format, !!opts.forceShare);
           if (output === 'json') await writeOut(prettyJson(infos.map(infoJson)) + '\n');
           else await writeOut(infos.map(infoHuman).join('\n'));
           return;
         }
-        const info = await imageInfo(filename, opts.format);
+        const info = await imageInfo(filename, opts.format, !!opts.forceShare);
         await writeOut(output === 'json' ? prettyJson(infoJson(info)) + '\n' : infoHuman(info));
       }),
     );

@@ -19,7 +19,7 @@ export function registerMap(program: Command, run: (file: string | undefined, fn
     .option('-l, --max-length <length>', 'bytes to map')
     .option('-U, --force-share', 'open even if the image is in use (read-only)')
     .argument('<filename>')
-    .action((filename: string, opts: { format?: string; output?: string; startOffset?: string; maxLength?: string }) =>
+    .action((filename: string, opts: { format?: string; output?: string; startOffset?: string; maxLength?: string; forceShare?: boolean }) =>
       run(filename, async () => {
         const output = parseOutputFormat(opts.output);
         const offsetArg = (text: string, what: string): number => {
@@ -31,7 +31,7 @@ export function registerMap(program: Command, run: (file: string | undefined, fn
         };
         const start = opts.startOffset !== undefined ? offsetArg(opts.startOffset, 'start offset') : 0;
         const maxLength = opts.maxLength !== undefined ? offsetArg(opts.maxLength, 'max length') : undefined;
-        const img = await openImage(filename, { format: opts.format });
+        const img = await openImage(filename, { format: opts.format, forceShare: !!opts.forceShare });
         try {
           if (output === 'json') {
             const parts: string[] = [];

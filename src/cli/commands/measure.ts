@@ -22,7 +22,7 @@ export function registerMeasure(program: Command, run: (file: string | undefined
     .option('-l, --snapshot <snapshot>', 'measure an internal snapshot of FILE')
     .option('-U, --force-share', 'open even if the image is in use')
     .argument('[filename]')
-    .action((filename: string | undefined, opts: { output?: string; targetFormat: string; options: string[]; size?: string; format?: string; snapshot?: string }) =>
+    .action((filename: string | undefined, opts: { output?: string; targetFormat: string; options: string[]; size?: string; format?: string; snapshot?: string; forceShare?: boolean }) =>
       run(filename, async () => {
         const output = parseOutputFormat(opts.output);
         if (!findDriver(opts.targetFormat)) throw new UsageError(`Unknown file format '${opts.targetFormat}'`);
@@ -30,7 +30,7 @@ export function registerMeasure(program: Command, run: (file: string | undefined
         if (filename === undefined && opts.size === undefined && !opts.options.some((o) => /(^|,)(help|\?)(,|$)/.test(o))) {
           throw new UsageError('Either --size N or one filename must be specified.');
         }
-        let source = filename !== undefined ? await openImage(filename, { format: opts.format }) : undefined;
+        let source = filename !== undefined ? await openImage(filename, { format: opts.format, forceShare: !!opts.forceShare }) : undefined;
         const parent = source;
         try {
           if (source && opts.snapshot !== undefined) {

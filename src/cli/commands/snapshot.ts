@@ -17,7 +17,7 @@ export function registerSnapshot(program: Command, run: (file: string | undefine
     .option('-q, --quiet', 'quiet mode')
     .option('-U, --force-share', 'open even if the image is in use (list only)')
     .argument('<filename>')
-    .action((filename: string, opts: { format?: string; list?: boolean; create?: string; apply?: string; delete?: string }) =>
+    .action((filename: string, opts: { format?: string; list?: boolean; create?: string; apply?: string; delete?: string; forceShare?: boolean }) =>
       run(filename, async () => {
         const chosen = [opts.list ? 'l' : '', opts.create !== undefined ? 'c' : '', opts.apply !== undefined ? 'a' : '', opts.delete !== undefined ? 'd' : ''].filter(Boolean);
         if (chosen.length > 1) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
@@ -26,7 +26,8 @@ export function registerSnapshot(program: Command, run: (file: string | undefine
         if (opts.create !== undefined) action = { kind: 'create', name: opts.create };
         if (opts.apply !== undefined) action = { kind: 'apply', name: opts.apply };
         if (opts.delete !== undefined) action = { kind: 'delete', name: opts.delete };
-        const snaps = await snapshotCommand(filename, opts.format, action);
+        if (opts.forceShare && action.kind !== 'list') throw new UsageError('force-share=on can only be used with read-only images');
+        const snaps = await snapshotCommand(filename, opts.format, action, !!opts.forceShare);
         if (action.kind === 'list' && snaps.length > 0) await writeOut('Snapshot list:\n' + snapshotTable(snaps));
       }),
     );
