@@ -5,6 +5,7 @@
  */
 import { deflateRawSync } from 'node:zlib';
 import { createRequire } from 'node:module';
+import { Piscina } from 'piscina';
 
 export interface CompressTask {
   data: Uint8Array;
@@ -37,9 +38,20 @@ function loadZstd(): ZstdCompress {
   }
 }
 
+/** Compresses one cluster; null when it would not be smaller than the cluster. */
 export default function compressCluster(task: CompressTask): Uint8Array | null {
   const input = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
   const out = task.algorithm === 'zstd' ? loadZstd()(input) : deflateRawSync(input, { windowBits: 12, memLevel: 9 });
   // QEMU stores a cluster compressed only when it fits in less than a cluster.
   return out.length < task.clusterSize ? out : null;
+}
+
+/**
+ * The pool's entry point: the compressed bytes, or the cluster itself when it does not
+ * shrink (then exactly a cluster long, which compressed data never is), moved back to
+ * the caller without a copy.
+ */
+export function compressTask(task: CompressTask): unknown {
+  const out = compressCluster(task);
+  return Piscina.move(out ? new Uint8Array(out) : task.data);
 }

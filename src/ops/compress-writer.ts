@@ -16,24 +16,30 @@ export interface CompressingWriter {
 }
 
 /** Bytes of queued clusters before write() waits (bounds memory). */
-const MAX_QUEUED = 32 * 1024 * 1024;
+const MAX_QUEUED = 8 * 1024 * 1024;
 
 export function compressingWriter(target: BlockImage, virtualSize: number): CompressingWriter {
   const { algorithm, clusterSize } = target.compression!;
   const pool = new Piscina({
     filename: new URL('./compress-worker.js', import.meta.url).href,
+    name: 'compressTask',
     maxThreads: Math.max(1, availableParallelism()),
     minThreads: 1,
     idleTimeout: 1000,
+    // Small heaps: each cluster passes through as an ArrayBuffer, and frequent young
+    // collections keep the garbage of thousands of them from piling up (peak memory).
+    resourceLimits: { maxYoungGenerationSizeMb: 4, maxOldGenerationSizeMb: 64 },
   });
   let chain: Promise<void> = Promise.resolve();
   let queued = 0;
   let failure: unknown = null;
   const waiters: Array<() => void> = [];
 
-  const store = async (offset: number, plain: Buffer, result: Uint8Array | null, partialLength: number) => {
-    if (result) await target.writeCompressed!(offset, Buffer.from(result.buffer, result.byteOffset, result.byteLength));
-    else await target.write(offset, plain.subarray(0, partialLength));
+  /** `result` is compressed data, or the cluster itself (exactly a cluster long) when it did not shrink. */
+  const store = async (offset: number, result: Uint8Array, partialLength: number) => {
+    const bytes = Buffer.from(result.buffer, result.byteOffset, result.byteLength);
+    if (bytes.length < clusterSize) await target.writeCompressed!(offset, bytes);
+    else await target.write(offset, bytes.subarray(0, partialLength));
   };
 
   return {
@@ -49,15 +55,17 @@ export function compressingWriter(target: BlockImage, virtualSize: number): Comp
           pos += len;
           continue;
         }
-        const plain = Buffer.alloc(clusterSize);
-        data.copy(plain, 0, pos, pos + len);
-        const task = pool.run({ data: plain, algorithm, clusterSize });
+        const plain = new Uint8Array(clusterSize);
+        plain.set(data.subarray(pos, pos + len));
+        // The cluster's memory moves to the worker (no copy) and its result moves back.
+        const input = plain;
+        const task = pool.run({ data: input, algorithm, clusterSize }, { transferList: [input.buffer] });
         queued += clusterSize;
         const partial = len;
         chain = chain.then(async () => {
           try {
-            const result = (await task) as Uint8Array | null;
-            await store(clusterStart, plain, result, partial);
+            const result = (await task) as Uint8Array;
+            await store(clusterStart, result, partial);
           } catch (err) {
             failure ??= err;
           } finally {
