@@ -26,6 +26,10 @@ export function buildProgram(result: RunResult): Command {
     .name('qimg')
     .description('qimg: a disk image tool for raw and qcow2 images, a drop-in for qemu-img')
     .version(`qimg version ${VERSION}`, '-V, --version')
+    .option('--untrusted', 'the images come from an untrusted source: refuse backing and data files outside their directory (or QIMG_UNTRUSTED=1)')
+    .hook('preAction', (cmd) => {
+      if (cmd.opts().untrusted) process.env.QIMG_UNTRUSTED = '1';
+    })
     .exitOverride()
     .configureOutput({
       writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `qimg: ${qemuUsageMessage(s.slice(7))}` : s),

@@ -8,6 +8,7 @@ import { realpathSync, statSync } from 'node:fs';
 import type { BlockImage } from './block-image.js';
 import { findDriver, probeDriver } from './driver.js';
 import { QimgError } from './errors.js';
+import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 
 /** Longest backing chain qimg opens. */
@@ -135,6 +136,7 @@ async function openBackingOf(
   chain: string[],
 ): Promise<BlockImage> {
   const path = resolveRelative(name, from);
+  assertReferenceAllowed(path, from, 'backing file');
   try {
     return await openInChain(path, format, { ...options, writable: false }, chain);
   } catch (err) {

@@ -8,6 +8,7 @@ import { resolve } from 'node:path';
 import type { ImageInfo } from '../core/block-image.js';
 import { QimgError } from '../core/errors.js';
 import { MAX_CHAIN_DEPTH, openImage } from '../core/open.js';
+import { assertReferenceAllowed } from '../core/open-policy.js';
 
 export async function imageInfo(filename: string, format?: string, forceShare = false): Promise<ImageInfo> {
   const img = await openImage(filename, { format, metadataOnly: true, forceShare });
@@ -42,7 +43,9 @@ export async function chainInfo(filename: string, format?: string, forceShare = 
       throw new QimgError(err.message, { file: name, cause: err });
     }
     out.push(info);
-    name = info.fullBackingFilename ?? info.backingFilename;
+    const next = info.fullBackingFilename ?? info.backingFilename;
+    if (next !== undefined) assertReferenceAllowed(next, name, 'backing file');
+    name = next;
     fmt = info.backingFilenameFormat;
   }
   return out;

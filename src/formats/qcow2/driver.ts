@@ -26,6 +26,7 @@ import { cloneHeader, serializeHeader } from './header-serialize.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
 import { readLuksInfo } from './luks.js';
 import { checkQcow2, FIX_ERRORS, FIX_LEAKS } from './check.js';
+import { assertReferenceAllowed, untrustedMode } from '../../core/open-policy.js';
 import { qcow2CreateOptions } from './options.js';
 import { createQcow2, describeQcow2Create, qcow2SpecFromOptions } from './create.js';
 
@@ -826,7 +827,9 @@ async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage>
  */
 async function openDataFile(dataName: string, imagePath: string, writable: boolean): Promise<ImageFile> {
   const candidates = [resolveRelative(dataName, imagePath)];
-  if (!isAbsolute(dataName) && !candidates.includes(dataName)) candidates.push(dataName);
+  // QEMU 7.2 also looked in the working directory; never for untrusted images.
+  if (!isAbsolute(dataName) && !candidates.includes(dataName) && !untrustedMode()) candidates.push(dataName);
+  assertReferenceAllowed(candidates[0], imagePath, 'data file');
   for (const path of candidates.slice(0, -1)) {
     if (existsSync(path)) return ImageFile.open(path, { writable });
   }
