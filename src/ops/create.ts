@@ -47,8 +47,11 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
   }
   const file = req.filename;
   let size: bigint | undefined;
-  if (req.size !== undefined) size = parseImageSize(req.size);
-  else if (options.values.has('size')) size = options.values.get('size') as bigint;
+  if (req.size !== undefined) {
+    size = parseImageSize(req.size);
+    // qemu-img refuses a size argument together with -o size
+    if (options.values.has('size')) throw new QimgError('The image size must be specified only once', { file });
+  } else if (options.values.has('size')) size = options.values.get('size') as bigint;
 
   const backing = options.values.get('backing_file') as string | undefined;
   if (backing !== undefined && !driver.createOptions.some((o) => o.name === 'backing_file')) {
@@ -78,9 +81,6 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
   if (size === undefined) throw new QimgError('Image creation needs a size parameter', { file });
   const givenSize = size;
   const rounded = roundToSectors(size);
-  if (rounded > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new QimgError(`The image size is too large for file format '${driver.name}'`, { file });
-  }
   options.values.set('size', rounded);
   return {
     driver,
@@ -88,6 +88,11 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
     givenSize,
     describe: () => driver.describeCreate(givenSize, options),
     run: async () => {
+      // A driver-level refusal in qemu-img: it comes after the Formatting line.
+      if (rounded > BigInt(Number.MAX_SAFE_INTEGER)) {
+        const hint = driver.name === 'qcow2' ? ' (try using a larger cluster size)' : '';
+        throw new QimgError(`The image size is too large for file format '${driver.name}'${hint}`, { file });
+      }
       try {
         await driver.create(file, Number(rounded), options.values);
       } catch (err) {

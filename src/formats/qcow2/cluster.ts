@@ -364,6 +364,12 @@ export class ClusterWriter {
     const first = Math.ceil(offset / cs) * cs;
     let end = Math.floor((offset + length) / cs) * cs;
     if (offset + length >= this.img.virtualSize) end = Math.max(end, Math.min(offset + length, this.img.virtualSize));
+    // data_file_raw: unmapping would leave the old bytes in the data file, which must
+    // stay the guest disk as a raw image; the discarded clusters are zeroed there instead.
+    if (this.img.dataFileRaw) {
+      if (end > first) await this.zeroByWriting(first, end - first);
+      return;
+    }
     const span = cs * g.l2Entries;
     for (let pos = first; pos < end; ) {
       const tableEnd = (Math.floor(pos / span) + 1) * span;

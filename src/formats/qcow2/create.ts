@@ -73,7 +73,10 @@ export function qcow2SpecFromOptions(size: number, o: Map<string, OptionValue>):
   if (!Number.isInteger(Math.log2(refcountBits)) || refcountBits > 64 || refcountBits < 1) {
     throw new QimgError('Refcount width must be a power of two and may not exceed 64 bits');
   }
-  if (version < 3 && refcountBits !== 16) throw new QimgError('compat=0.10 requires refcount_bits=16');
+  // qemu-img 7.2's wording (not "compat=0.10 requires refcount_bits=16")
+  if (version < 3 && refcountBits !== 16) {
+    throw new QimgError(`Different refcount widths than 16 bits require compatibility level 1.1 or above ${V3_REQUIRED}`);
+  }
   if (version < 3 && compression !== 'zlib') {
     throw new QimgError(`Non-zlib compression type is only supported with compatibility level 1.1 and above ${V3_REQUIRED}`);
   }
@@ -83,6 +86,10 @@ export function qcow2SpecFromOptions(size: number, o: Map<string, OptionValue>):
   }
   if (backingFile !== undefined && preallocation !== 'off' && !extendedL2) {
     throw new QimgError('Backing file and preallocation can only be used at the same time if extended_l2 is on');
+  }
+  // qemu-img refuses a backing format without a backing file (-F alone, -o backing_fmt alone)
+  if (backingFormat !== undefined && backingFile === undefined) {
+    throw new QimgError('Backing format cannot be used without backing file');
   }
   const l2Entries = clusterSize / (extendedL2 ? 16 : 8);
   if (Math.ceil(size / (clusterSize * l2Entries)) * 8 > C.MAX_L1_BYTES) {
@@ -181,7 +188,17 @@ async function writeQcow2(path: string, spec: Qcow2CreateSpec, created: string[]
   // Whole clusters, as QEMU writes them (the host file's allocation feeds heuristics
   // such as metadata-preallocation detection).
   const head = Buffer.alloc(cs);
-  serializeHeader(header).copy(head);
+  let headerBytes: Buffer;
+  try {
+    headerBytes = serializeHeader(header);
+  } catch (err) {
+    // qemu-img's wording when the backing file name does not fit into the header cluster
+    if (spec.backingFile !== undefined && err instanceof QimgError && /do not fit/.test(err.message)) {
+      throw new QimgError(`Could not assign backing file '${spec.backingFile}' with format '${spec.backingFormat ?? ''}': No space left on device`, { cause: err });
+    }
+    throw err;
+  }
+  headerBytes.copy(head);
 
   const reftable = Buffer.alloc(reftableClusters * cs);
   for (let i = 0; i < refblocks; i++) writeU64(reftable, i * 8, refblockOffset + i * cs);
@@ -256,9 +273,10 @@ export function describeQcow2Create(size: bigint, o: { values: Map<string, Optio
   str('preallocation');
   str('compression_type', 'zlib');
   parts.push(`size=${size}`);
+  // qemu-img prints compat before the backing file, whatever the -o order
+  str('compat');
   str('backing_file');
   str('backing_fmt');
-  str('compat');
   str('data_file');
   str('data_file_raw');
   str('lazy_refcounts', 'off');

@@ -69,8 +69,13 @@ export function serializeHeader(h: Qcow2Header): Buffer {
     exts.push(extension(C.EXT_CRYPTO_HEADER, d));
   }
   if (h.dataFile !== undefined) exts.push(extension(C.EXT_DATA_FILE, Buffer.from(h.dataFile)));
-  // The table the image had is kept; a v3 image without one gets QEMU's.
-  if (v3) exts.push(extension(C.EXT_FEATURE_TABLE, featureTableBytes(h.featureTable.length > 0 ? h.featureTable : C.KNOWN_FEATURE_NAMES)));
+  // The table the image had is kept; a v3 image without one gets QEMU's, but (as
+  // qemu-img 7.2) only with clusters of 8 KiB or more: smaller header clusters are
+  // left room for the extensions that matter (a data file name, a backing name).
+  const featureTable =
+    h.featureTable.length > 0 ? h.featureTable : clusterSize >= 8192 ? C.KNOWN_FEATURE_NAMES : [];
+  const tableExt = v3 && featureTable.length > 0 ? extension(C.EXT_FEATURE_TABLE, featureTableBytes(featureTable)) : null;
+  if (tableExt) exts.push(tableExt);
   if (h.bitmaps) {
     const d = Buffer.alloc(24);
     d.writeUInt32BE(h.bitmaps.nbBitmaps, 0);
@@ -82,8 +87,14 @@ export function serializeHeader(h: Qcow2Header): Buffer {
   exts.push(Buffer.alloc(8)); // end of extensions
 
   const backing = h.backingFile !== undefined ? Buffer.from(h.backingFile) : Buffer.alloc(0);
-  const extLength = exts.reduce((n, e) => n + e.length, 0);
-  const total = fixedLength + extLength + backing.length;
+  let extLength = exts.reduce((n, e) => n + e.length, 0);
+  let total = fixedLength + extLength + backing.length;
+  if (total > clusterSize && tableExt) {
+    // The feature name table is optional: it gives way to the extensions that are not.
+    exts.splice(exts.indexOf(tableExt), 1);
+    extLength -= tableExt.length;
+    total -= tableExt.length;
+  }
   if (total > clusterSize) {
     throw new QimgError(`the header, its extensions and the backing file name (${total} bytes) do not fit in one cluster (${clusterSize} bytes)`);
   }

@@ -116,9 +116,8 @@ export class RawImage implements BlockImage {
 /** Creates a raw image: a file of `size` bytes, sparse unless preallocated. */
 async function createRaw(path: string, size: number, options: Map<string, OptionValue>): Promise<void> {
   const prealloc = (options.get('preallocation') as string | undefined) ?? 'off';
-  if (!['off', 'falloc', 'full'].includes(prealloc)) {
-    throw new QimgError(`Parameter 'preallocation' does not accept value '${prealloc}'`);
-  }
+  if (prealloc === 'metadata') throw new QimgError('Unsupported preallocation mode: metadata');
+  if (!['off', 'falloc', 'full'].includes(prealloc)) throw new QimgError(`invalid parameter value: ${prealloc}`);
   let handle;
   try {
     handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
@@ -134,7 +133,7 @@ async function createRaw(path: string, size: number, options: Map<string, Option
     }
     // qemu-img writes the first 4 KiB of a new raw image (its alignment probe); so do we,
     // so that `map` of a fresh image looks the same.
-    if (prealloc === 'off' && size > 0) await handle.write(Buffer.alloc(Math.min(4096, size)), 0, Math.min(4096, size), 0);
+    if (prealloc !== 'full' && size > 0) await handle.write(Buffer.alloc(Math.min(4096, size)), 0, Math.min(4096, size), 0);
     await handle.datasync();
   } catch (err) {
     await handle.close().catch(() => undefined);
