@@ -78,14 +78,21 @@ export async function compareImages(
   while (offset < common) {
     let ea: Extent;
     let eb: Extent;
+    // qemu-img's message names the image whose block status failed
     try {
       ea = await extentAt(a.image, offset, common - offset);
+    } catch {
+      return { code: 3, lines, error: `Sector allocation test failed for ${a.name}` };
+    }
+    try {
       eb = await extentAt(b.image, offset, common - offset);
-    } catch (err) {
-      return { code: 3, lines, error: `error while reading block status at offset ${offset}: ${describeSystemError(err)}` };
+    } catch {
+      return { code: 3, lines, error: `Sector allocation test failed for ${b.name}` };
     }
     let chunk = Math.min(ea.length, eb.length);
-    if (opts.strict && !sameStatus(ea, eb)) {
+    // qemu-img compares the raw block status flags, BDRV_BLOCK_EOF included: whether
+    // this extent reaches the end of the image (sizes are equal in strict mode).
+    if (opts.strict && (!sameStatus(ea, eb) || (offset + ea.length === sizeA) !== (offset + eb.length === sizeB))) {
       return { code: 1, lines: [`Strict mode: Offset ${offset} block status mismatch!`] };
     }
     if (ea.zero && eb.zero) {
@@ -116,7 +123,7 @@ export async function compareImages(
       let e: Extent;
       try {
         e = await extentAt(over.image, offset, total - offset);
-      } catch (err) {
+      } catch {
         return { code: 3, lines, error: `Sector allocation test failed for ${over.name}` };
       }
       let chunk = e.length;

@@ -18,7 +18,14 @@ export interface CompressingWriter {
 /** Bytes of queued clusters before write() waits (bounds memory). */
 const MAX_QUEUED = 8 * 1024 * 1024;
 
-export function compressingWriter(target: BlockImage, virtualSize: number): CompressingWriter {
+export interface CompressingWriterOptions {
+  /** whole clusters of zeros are skipped instead of compressed (-S other than 0), as qemu-img does */
+  skipZeroClusters?: boolean;
+  /** the target reads as zeros: a skipped cluster needs no zero write */
+  targetIsZero?: boolean;
+}
+
+export function compressingWriter(target: BlockImage, virtualSize: number, opts: CompressingWriterOptions = {}): CompressingWriter {
   const { algorithm, clusterSize } = target.compression!;
   const pool = new Piscina({
     filename: new URL('./compress-worker.js', import.meta.url).href,
@@ -57,6 +64,14 @@ export function compressingWriter(target: BlockImage, virtualSize: number): Comp
         }
         const plain = new Uint8Array(clusterSize);
         plain.set(data.subarray(pos, pos + len));
+        // The copy engine detects zeros in units of -S (4 KiB): a smaller zero cluster
+        // (or one under a larger -S) arrives here, and qemu-img skips every all-zero
+        // cluster rather than compressing it.
+        if (opts.skipZeroClusters && isZero(plain)) {
+          if (!opts.targetIsZero) chain = chain.then(() => target.writeZeroes(clusterStart, len, { mayUnmap: true }));
+          pos += len;
+          continue;
+        }
         // The cluster's memory moves to the worker (no copy) and its result moves back.
         const input = plain;
         const task = pool.run({ data: input, algorithm, clusterSize }, { transferList: [input.buffer] });
@@ -87,4 +102,11 @@ export function compressingWriter(target: BlockImage, virtualSize: number): Comp
       await pool.destroy();
     },
   };
+}
+
+let zeros: Buffer | undefined;
+function isZero(buf: Uint8Array): boolean {
+  const b = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
+  if (zeros?.length !== b.length) zeros = Buffer.alloc(b.length);
+  return b.equals(zeros);
 }

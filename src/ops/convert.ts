@@ -6,7 +6,7 @@
 import { stat, unlink } from 'node:fs/promises';
 import type { BlockImage } from '../core/block-image.js';
 import { QimgError } from '../core/errors.js';
-import { openImage } from '../core/open.js';
+import { openImage, resolveRelative } from '../core/open.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
@@ -39,15 +39,20 @@ export interface ConvertRequest {
   flushAtEnd?: boolean;
 }
 
+/** An error qemu-img reports without a file name (an empty `file` keeps the CLI from adding one). */
+const unnamed = (message: string) => new QimgError(message, { file: '' });
+
 export async function convert(req: ConvertRequest): Promise<void> {
-  if (req.targetIsZero && !req.noCreate) throw new QimgError('--target-is-zero requires use of -n flag');
-  if (req.targetIsZero && req.backingFile !== undefined) throw new QimgError('--target-is-zero cannot be used with a backing file');
-  if (req.snapshot && req.sources.length > 1) throw new QimgError('No support for concatenating multiple snapshot');
+  if (req.targetIsZero && !req.noCreate) throw unnamed('--target-is-zero requires use of -n flag');
+  if (req.targetIsZero && req.backingFile !== undefined) throw unnamed('Cannot use --target-is-zero when the destination image has a backing file');
+  if (req.snapshot && req.sources.length > 1) throw unnamed('No support for concatenating multiple snapshot');
 
   const sources: BlockImage[] = [];
   const views: BlockImage[] = [];
   let target: BlockImage | null = null;
   let created = false;
+  /** an external data file this conversion created (removed with the output on failure) */
+  let createdDataFile: string | undefined;
   try {
     for (const f of req.sources) {
       try {
@@ -79,11 +84,28 @@ export async function convert(req: ConvertRequest): Promise<void> {
         (s) => s.isBlockDevice(),
         () => false,
       );
+      if (req.compress) {
+        // qemu-img refuses these before creating anything
+        const prealloc = prepared.options.values.get('preallocation');
+        if (prealloc !== undefined && prealloc !== 'off') throw unnamed('Compression and preallocation not supported at the same time');
+      }
       created = !existed;
-      await prepared.run();
+      const dataFile = prepared.options.values.get('data_file');
+      if (typeof dataFile === 'string' && dataFile !== '') {
+        const path = resolveRelative(dataFile, req.output);
+        // only a data file this conversion creates is removed again on failure
+        if (!(await stat(path).then(() => true, () => false))) createdDataFile = path;
+      }
+      try {
+        await prepared.run();
+      } catch (err) {
+        // qemu-img: "OUT: error while converting FMT: <the driver's message>"
+        if (err instanceof QimgError) throw new QimgError(`error while converting ${req.outputFormat}: ${err.message}`, { file: req.output, cause: err });
+        throw err;
+      }
     }
     target = await openImage(req.output, { format: req.outputFormat, writable: true });
-    if (target.virtualSize < total) throw new QimgError('output file is smaller than input file', { file: req.output });
+    if (target.virtualSize < total) throw unnamed('output file is smaller than input file');
     const t = target as BlockImage & { unsafeCache?: boolean; clusterSize?: number };
     // qemu-img's default cache mode for the target is unsafe: no flush until the end.
     if ('unsafeCache' in t) t.unsafeCache = !req.flushAtEnd;
@@ -96,11 +118,13 @@ export async function convert(req: ConvertRequest): Promise<void> {
       outOfOrder: req.outOfOrder,
       targetGranularity: target.allocationUnit,
       onProgress: req.onProgress,
+      // only a new target (qemu-img's target_backing_sectors is unknown with -n)
+      targetBackingSize: req.backingFile !== undefined && !req.noCreate ? target.backing?.virtualSize : undefined,
     };
     if (req.compress) {
       if (!target.writeCompressed) throw new QimgError(`Compression not supported for file format '${target.format}'`, { file: req.output });
       const { compressingWriter } = await import('./compress-writer.js');
-      const writer = compressingWriter(target, total);
+      const writer = compressingWriter(target, total, { skipZeroClusters: opts.sparseSize > 0, targetIsZero: opts.targetIsZero });
       try {
         await copyImages(inputs, target, { ...opts, writeData: writer.write, targetGranularity: target.allocationUnit });
         await writer.finish();
@@ -120,6 +144,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
   } catch (err) {
     if (target) await target.close().catch(() => undefined);
     if (created) await unlink(req.output).catch(() => undefined);
+    if (createdDataFile !== undefined) await unlink(createdDataFile).catch(() => undefined);
     throw err;
   } finally {
     for (const v of views) await v.close().catch(() => undefined);

@@ -17,6 +17,9 @@ export interface CopyOptions {
   topOnly?: boolean;
   /** copy only what layers above this chain depth hold (commit: BASE and below are skipped) */
   aboveDepth?: number;
+  /** topOnly: the virtual size of the new target's backing file; zero ranges at or after
+   * it are left unallocated (they read as zeros there anyway), as qemu-img does */
+  targetBackingSize?: number;
   /** reads in flight (convert -m) */
   parallel: number;
   /** write chunks as soon as they are read (convert -W) */
@@ -44,14 +47,21 @@ interface Item {
 async function topLayerExtent(img: BlockImage, offset: number, length: number): Promise<Extent> {
   const st = await img.layerStatus(offset, Math.min(length, img.virtualSize - offset));
   const allocated = st.data || st.zero;
+  let n = st.length;
+  // As qemu's block status: an unallocated range with no backing file below it (none
+  // at all, or past the end of a shorter one) reads as zeros, and the new backing
+  // file cannot be assumed to supply them, so it must be written as zeros.
+  const below = img.backing;
+  if (!allocated && below && offset < below.virtualSize) n = Math.min(n, below.virtualSize - offset);
+  const readsZero = !allocated && (!below || offset >= below.virtualSize);
   return {
     offset,
-    length: st.length,
-    kind: !allocated ? 'unallocated' : st.zero ? 'zero' : 'data',
+    length: n,
+    kind: readsZero ? 'zero' : !allocated ? 'unallocated' : st.zero ? 'zero' : 'data',
     depth: 0,
     present: allocated,
     data: st.data,
-    zero: st.zero,
+    zero: st.zero || readsZero,
     compressed: !!st.compressed,
   };
 }
@@ -121,8 +131,11 @@ export async function copyImages(sources: BlockImage[], target: BlockImage, opts
     if (item.kind === 'skip') return progress(item.length);
     if (item.kind === 'zero') {
       // -S 0 allocates everything, even where the target already reads zero.
-      if (opts.sparseSize === 0) await writeZeroBuffers(writeData, item.dstOffset, item.length);
-      else if (!opts.targetIsZero) await target.writeZeroes(item.dstOffset, item.length, { mayUnmap: true });
+      // Past the end of the target's backing file, zeros need no writing (qemu-img's post_backing_zero).
+      const length = opts.targetBackingSize === undefined ? item.length : Math.max(0, Math.min(item.length, opts.targetBackingSize - item.dstOffset));
+      if (length === 0) return progress(item.length);
+      if (opts.sparseSize === 0) await writeZeroBuffers(writeData, item.dstOffset, length);
+      else if (!opts.targetIsZero) await target.writeZeroes(item.dstOffset, length, { mayUnmap: true });
       return progress(item.length);
     }
     await writeWithZeroDetection(item.dstOffset, data!, zeroUnit, opts.targetIsZero, writeData, target);

@@ -9,7 +9,7 @@ import { extentAt } from '../core/block-status.js';
 import { findDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
 import { parseOptions } from '../core/options.js';
-import { qcow2SpecFromOptions } from '../formats/qcow2/create.js';
+import type { OptionValue } from '../core/options.js';
 
 export interface MeasureResult {
   required: number;
@@ -68,6 +68,38 @@ async function allocatedBytes(src: BlockImage, clusterSize: number): Promise<num
   return required;
 }
 
+/**
+ * The options qcow2's measure reads, validated as qemu's qcow2_measure does: only
+ * cluster size (with extended L2), compat, refcount width and preallocation, in that
+ * order and with its messages. Unlike create it accepts e.g. compat=0.10 with
+ * lazy_refcounts, zstd or extended_l2 (and then measures extended L2 tables).
+ */
+function qcow2MeasureSpec(o: Map<string, OptionValue>): { clusterSize: number; refcountBits: number; extendedL2: boolean; preallocation: string; version: number } {
+  const extendedL2 = (o.get('extended_l2') as boolean | undefined) ?? false;
+  const clusterSize = Number((o.get('cluster_size') as bigint | undefined) ?? 65536n);
+  if (!Number.isInteger(Math.log2(clusterSize)) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) {
+    throw new QimgError('Cluster size must be a power of two between 512 and 2048k');
+  }
+  if (extendedL2 && clusterSize < 16384) throw new QimgError('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  const compat = o.get('compat') as string | undefined;
+  let version = 3;
+  if (compat === '0.10') version = 2;
+  else if (compat !== undefined && compat !== '1.1') throw new QimgError(`Invalid compatibility level: '${compat}'`);
+  const refcountBits = Number((o.get('refcount_bits') as number | undefined) ?? 16);
+  if (!Number.isInteger(Math.log2(refcountBits)) || refcountBits > 64) {
+    throw new QimgError('Refcount width must be a power of two and may not exceed 64 bits');
+  }
+  if (version < 3 && refcountBits !== 16) {
+    throw new QimgError('Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
+  }
+  const preallocation = (o.get('preallocation') as string | undefined) ?? 'off';
+  if (!['off', 'metadata', 'falloc', 'full'].includes(preallocation)) throw new QimgError(`invalid parameter value: ${preallocation}`);
+  return { clusterSize, refcountBits, extendedL2, preallocation, version };
+}
+
+/** QCOW_MAX_L1_SIZE: the L1 table may take at most 32 MiB. */
+const MAX_L1_BYTES = 32 * 1024 * 1024;
+
 export async function measure(opts: { format: string; optionStrings: string[]; size?: bigint; source?: BlockImage }): Promise<MeasureResult | 'help'> {
   const driver = findDriver(opts.format);
   if (!driver) throw new QimgError(`Unknown file format '${opts.format}'`);
@@ -80,13 +112,17 @@ export async function measure(opts: { format: string; optionStrings: string[]; s
   }
   if (driver.name !== 'qcow2') throw new QimgError(`Format driver '${driver.name}' does not support measure`);
   const virtual = src ? src.virtualSize : Number(opts.size ?? 0n);
-  const spec = qcow2SpecFromOptions(virtual, parsed.values);
+  const spec = qcow2MeasureSpec(parsed.values);
   const aligned = roundUp(virtual, spec.clusterSize);
+  const l2Tables = divUp(aligned / spec.clusterSize, spec.clusterSize / (spec.extendedL2 ? 16 : 8));
+  if (l2Tables * 8 > MAX_L1_BYTES) throw new QimgError('The image size is too large (try using a larger cluster size)');
   let required = src ? await allocatedBytes(src, spec.clusterSize) : 0;
   if (spec.preallocation === 'full' || spec.preallocation === 'falloc') required = aligned;
   const fullyAllocated = qcow2FullSize(virtual, spec.clusterSize, spec.refcountBits, spec.extendedL2);
   const result: MeasureResult = { required: fullyAllocated - aligned + required, fullyAllocated };
-  if (spec.version >= 3 && src?.persistentBitmaps) {
+  // Only when the source supports persistent bitmaps too: qcow2 v3, not v2 (qemu-img omits the line)
+  const srcV2 = src?.format === 'qcow2' && (await src.info()).formatSpecific?.data.compat === '0.10';
+  if (spec.version >= 3 && src?.persistentBitmaps && !srcV2) {
     let bytes = 0;
     let dir = 0;
     for (const bm of await src.persistentBitmaps()) {

@@ -22,11 +22,20 @@ export function parseSnapshotParam(text: string): SnapshotParam {
 
 /** Opens the snapshot view `p` names: an id first, then a name, as qemu-img. */
 export async function openSnapshotView(img: BlockImage, p: SnapshotParam): Promise<BlockImage> {
-  if (!img.snapshot) throw new QimgError('Failed to load snapshot: Operation not supported', { file: img.filename });
-  if (p.idOrName === undefined) return img.snapshot({ id: p.id, name: p.name });
+  // qemu-img prints "Failed to load snapshot: ..." without a file name (empty `file`)
+  if (!img.snapshot) {
+    throw new QimgError(`Failed to load snapshot: Block format '${img.format}' used by device '' does not support temporarily loading internal snapshots`, { file: '' });
+  }
+  const load = img.snapshot.bind(img);
   try {
-    return await img.snapshot({ id: p.idOrName });
-  } catch {
-    return img.snapshot({ name: p.idOrName });
+    if (p.idOrName === undefined) return await load({ id: p.id, name: p.name });
+    try {
+      return await load({ id: p.idOrName });
+    } catch {
+      return await load({ name: p.idOrName });
+    }
+  } catch (err) {
+    if (err instanceof QimgError && err.message.startsWith('Failed to load snapshot')) throw new QimgError(err.message, { file: '', cause: err });
+    throw err;
   }
 }

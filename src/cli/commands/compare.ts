@@ -36,11 +36,19 @@ export function registerCompare(program: Command, run: (file: string | undefined
               return 2;
             }
           }
-          const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
+          const mode = progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet });
+          const progress = createProgress(mode);
           const result = await compareImages({ image: images[0], name: f1 }, { image: images[1], name: f2 }, { strict: opts.strict, onProgress: (d, t) => progress.update(d, t) });
-          progress.finish();
+          // qemu-img's plain progress (stdout, not a terminal) ends after the result
+          // lines, with a bare newline, and does not jump to 100% when images differ.
+          const plain = mode === 'auto' && !process.stderr.isTTY;
+          if (!plain) progress.finish();
           if (result.error) process.stderr.write(`qimg: ${result.error}\n`);
           if (!opts.quiet) await writeOut(result.lines.map((l) => l + '\n').join(''));
+          if (plain) {
+            if (result.code === 0) progress.finish();
+            else await writeOut('\n');
+          }
           return result.code;
         } finally {
           for (const img of images) await img.close();

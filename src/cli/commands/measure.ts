@@ -2,11 +2,12 @@
 import type { Command } from 'commander';
 import { findDriver } from '../../core/driver.js';
 import { openImage } from '../../core/open.js';
-import { formatOptionHelp } from '../../core/options.js';
+import { formatOptionHelp, parseOptions } from '../../core/options.js';
+import { QimgError } from '../../core/errors.js';
 import { parseImageSize } from '../../core/size.js';
 import { measure } from '../../ops/measure.js';
 import { openSnapshotView, parseSnapshotParam } from '../../ops/snapshot-param.js';
-import { UsageError } from '../errors.js';
+import { UsageError, formatError } from '../errors.js';
 import { prettyJson } from '../output/json.js';
 import { collect, parseOutputFormat, writeOut } from './common.js';
 
@@ -30,6 +31,9 @@ export function registerMeasure(program: Command, run: (file: string | undefined
         if (filename === undefined && opts.size === undefined && !opts.options.some((o) => /(^|,)(help|\?)(,|$)/.test(o))) {
           throw new UsageError('Either --size N or one filename must be specified.');
         }
+        if (filename === undefined && (opts.format !== undefined || opts.snapshot !== undefined)) {
+          throw new UsageError('--image-opts, -f, and -l require a filename argument.');
+        }
         let source = filename !== undefined ? await openImage(filename, { format: opts.format, forceShare: !!opts.forceShare }) : undefined;
         const parent = source;
         try {
@@ -37,6 +41,15 @@ export function registerMeasure(program: Command, run: (file: string | undefined
             source = await openSnapshotView(source, parseSnapshotParam(opts.snapshot));
           }
           const size = opts.size !== undefined ? parseImageSize(opts.size) : undefined;
+          // An -o that does not parse: qemu-img adds a second line naming the format.
+          const driver = findDriver(opts.targetFormat)!;
+          try {
+            parseOptions(opts.options, driver.createOptions);
+          } catch (err) {
+            if (!(err instanceof QimgError)) throw err;
+            process.stderr.write(formatError(err).line + '\n');
+            throw new UsageError(`Invalid options for file format '${driver.name}'`);
+          }
           const r = await measure({ format: opts.targetFormat, optionStrings: opts.options, size, source });
           if (r === 'help') {
             const d = findDriver(opts.targetFormat)!;
