@@ -8,8 +8,9 @@
 import { realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { BlockImage } from '../core/block-image.js';
-import { QimgError } from '../core/errors.js';
-import { openImage } from '../core/open.js';
+import { QimgError, asQimgError } from '../core/errors.js';
+import { openImage, resolveRelative } from '../core/open.js';
+import { extentAt } from '../core/block-status.js';
 import { copyImages } from './copy-engine.js';
 
 function samePath(a: string, b: string): boolean {
@@ -43,14 +44,20 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
     let depth = 1;
     let layer: BlockImage | null = top.backing;
     if (opts.base !== undefined) {
-      while (layer && !samePath(layer.filename, opts.base)) {
+      // As qemu's bdrv_find_backing_image: BASE is named relative to the directory of the
+      // image whose backing file it would be, not to the current directory.
+      let above: BlockImage = top;
+      while (layer && !samePath(layer.filename, resolveRelative(opts.base, above.filename))) {
+        above = layer;
         layer = layer.backing;
         depth++;
       }
       if (!layer) throw new QimgError(`Did not find '${opts.base}' in the backing chain of '${filename}'`);
     }
     const baseLayer = layer!;
-    base = await openImage(baseLayer.filename, { format: baseLayer.format, writable: true, noBacking: true });
+    // BASE is opened with its own backing chain: growing it must zero the new area where
+    // a longer file below BASE would otherwise show through (qemu writes zeros there).
+    base = namingErrors(await openImage(baseLayer.filename, { format: baseLayer.format, writable: true }), baseLayer.filename);
     if (base.virtualSize < top.virtualSize) {
       if (!base.resize) throw new QimgError(`Could not resize '${baseLayer.filename}' to the image's size`, { file: filename });
       await base.resize(top.virtualSize);
@@ -63,6 +70,7 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
       targetGranularity: base.allocationUnit,
       onProgress: opts.onProgress,
     });
+    await zeroPastShorterLayers(top, base, depth);
     await base.flush();
     await base.close();
     base = null;
@@ -75,4 +83,44 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
     if (base) await base.close().catch(() => undefined);
     await top.close();
   }
+}
+
+/**
+ * Past the end of a layer between FILE and BASE, FILE reads zeros that no layer above
+ * BASE allocates: qemu's block status counts them as allocated zeros of the layer above
+ * the short one, so commit writes them into BASE. Without this BASE would show its old
+ * data (or its backing file's) there. (BASE itself is grown first, as qemu does, and
+ * its resize zeroes what a longer file below it would show.)
+ */
+async function zeroPastShorterLayers(top: BlockImage, base: BlockImage, depth: number): Promise<void> {
+  let shortest = Infinity;
+  let layer = top.backing;
+  for (let d = 1; layer && d < depth; d++, layer = layer.backing) shortest = Math.min(shortest, layer.virtualSize);
+  for (let pos = shortest; pos < top.virtualSize; ) {
+    const e = await extentAt(top, pos, top.virtualSize - pos);
+    if (!e.present && e.depth < depth) await base.writeZeroes(pos, e.length, { mayUnmap: true });
+    pos += e.length;
+  }
+}
+
+/**
+ * BASE with its system errors (ENOSPC, EIO while writing or flushing it) reported as
+ * errors about BASE: the CLI would otherwise name the image being committed.
+ */
+function namingErrors(img: BlockImage, file: string): BlockImage {
+  const tag = (err: unknown) => asQimgError(err, file);
+  return new Proxy(img, {
+    get(target, prop) {
+      const value: unknown = Reflect.get(target, prop, target);
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]) => {
+        try {
+          const r: unknown = value.apply(target, args);
+          return r instanceof Promise ? r.catch((err: unknown) => Promise.reject(tag(err))) : r;
+        } catch (err) {
+          throw tag(err);
+        }
+      };
+    },
+  });
 }

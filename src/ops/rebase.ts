@@ -53,10 +53,14 @@ async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: 
   const unit = img.compression?.clusterSize ?? img.allocationUnit;
   const oldBuf = Buffer.allocUnsafe(CHUNK);
   const newBuf = Buffer.allocUnsafe(CHUNK);
+  // Past the end of the old backing file the image read zeros: as qemu-img, differences
+  // there are written as zeros (zero clusters), not as zero-filled data.
+  const oldSize = img.backing?.virtualSize ?? 0;
   let done = 0;
   for (let pos = 0; pos < size; ) {
-    const st = await img.layerStatus(pos, Math.min(size - pos, CHUNK));
+    const st = await img.layerStatus(pos, Math.min(size - pos, CHUNK, pos < oldSize ? oldSize - pos : Infinity));
     const n = st.length;
+    const oldIsZero = pos >= oldSize;
     if (!(st.data || st.zero)) {
       // Unallocated here: compare old (through the chain) and new backing content.
       const a = oldBuf.subarray(0, n);
@@ -69,7 +73,9 @@ async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: 
           const start = pos + p;
           const len = Math.min(unit - (start % unit), n - p);
           if (!a.subarray(p, p + len).equals(b.subarray(p, p + len))) {
-            if (opts.compress && img.writeCompressed && start % unit === 0 && len === unit) {
+            if (oldIsZero) {
+              await img.writeZeroes(start, len);
+            } else if (opts.compress && img.writeCompressed && start % unit === 0 && len === unit) {
               const { compressUnit } = await import('./compress-one.js');
               const c = compressUnit(img.compression!.algorithm, a.subarray(p, p + len), unit);
               if (c) await img.writeCompressed(start, c);

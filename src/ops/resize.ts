@@ -5,6 +5,16 @@ import { parseImageSize } from '../core/size.js';
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
 
+export const SHRINK_WARNING =
+  "Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.";
+
+/** A shrink without --shrink: the CLI prints this error, then SHRINK_WARNING (qemu-img's order). */
+export class ShrinkRefusedError extends QimgError {
+  constructor() {
+    super('Use the --shrink option to perform a shrink operation.');
+  }
+}
+
 /** Parses "[+|-]SIZE" against the current size. */
 export function resolveNewSize(text: string, current: number): number {
   const sign = text.startsWith('+') ? 1 : text.startsWith('-') ? -1 : 0;
@@ -18,7 +28,7 @@ export async function resizeImage(
   filename: string,
   format: string | undefined,
   sizeText: string,
-  opts: { shrink?: boolean; preallocation?: Preallocation; warn?: (msg: string) => void },
+  opts: { shrink?: boolean; preallocation?: Preallocation },
 ): Promise<void> {
   const mode = opts.preallocation ?? 'off';
   if (!['off', 'metadata', 'falloc', 'full'].includes(mode)) throw new QimgError(`Invalid preallocation mode '${mode}'`);
@@ -27,10 +37,9 @@ export async function resizeImage(
     if (!img.resize) throw new QimgError(`Image format '${img.format}' does not support resizing`, { file: filename });
     const size = resolveNewSize(sizeText, img.virtualSize);
     if (size < img.virtualSize) {
-      if (!opts.shrink) throw new QimgError('Use the --shrink option to perform a shrink operation.');
-      opts.warn?.(
-        "Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.",
-      );
+      // qemu-img (7.2 and later) prints the data-loss warning together with this error,
+      // after it; a shrink that was asked for with --shrink goes ahead silently.
+      if (!opts.shrink) throw new ShrinkRefusedError();
       if (mode !== 'off') throw new QimgError('Preallocation can only be used for growing images', { file: filename });
     }
     await img.resize(size, { preallocation: mode });

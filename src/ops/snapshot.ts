@@ -25,9 +25,22 @@ export async function snapshotCommand(filename: string, format: string | undefin
       throw new QimgError(`Could not ${VERB[action.kind]} snapshot '${action.name}': Operation not supported`, { file: filename });
     }
     const q = img as Qcow2Image;
-    if (action.kind === 'create') await createSnapshot(q, action.name);
-    else if (action.kind === 'apply') await applySnapshot(q, action.name);
-    else await deleteSnapshot(q, action.name);
+    if (action.kind === 'create') {
+      try {
+        await createSnapshot(q, action.name);
+      } catch (err) {
+        // qemu-img names the snapshot in every create failure ("Could not create snapshot 's1': ...").
+        if (err instanceof QimgError && !err.message.startsWith('Could not')) {
+          throw new QimgError(`Could not create snapshot '${action.name}': ${err.message}`, { file: err.file ?? filename, exitCode: err.exitCode, cause: err });
+        }
+        throw err;
+      }
+    } else if (action.kind === 'apply') {
+      // qemu refuses before looking the snapshot up while any persistent bitmap is loaded
+      // (enabled or not): reverting would leave them describing another disk state.
+      if ((q.header.bitmaps?.nbBitmaps ?? 0) > 0) throw new QimgError(`Could not apply snapshot '${action.name}': Device has active dirty bitmaps`, { file: filename });
+      await applySnapshot(q, action.name);
+    } else await deleteSnapshot(q, action.name);
   } finally {
     await img.close();
   }

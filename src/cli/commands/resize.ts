@@ -1,7 +1,7 @@
 /** `qimg resize [-f fmt] [--shrink] [--preallocation=mode] [-q] FILE [+|-]SIZE` */
 import type { Command } from 'commander';
-import { resizeImage, type Preallocation } from '../../ops/resize.js';
-import { UsageError, warn } from '../errors.js';
+import { resizeImage, ShrinkRefusedError, SHRINK_WARNING, type Preallocation } from '../../ops/resize.js';
+import { reportError, UsageError, warn } from '../errors.js';
 import { writeOut } from './common.js';
 
 export function registerResize(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
@@ -17,7 +17,15 @@ export function registerResize(program: Command, run: (file: string | undefined,
     .action((filename: string | undefined, size: string | undefined, opts: { format?: string; shrink?: boolean; preallocation?: string; quiet?: boolean }) =>
       run(filename, async () => {
         if (filename === undefined || size === undefined) throw new UsageError('Expecting image file name and size');
-        await resizeImage(filename, opts.format, size, { shrink: opts.shrink, preallocation: opts.preallocation as Preallocation | undefined, warn });
+        try {
+          await resizeImage(filename, opts.format, size, { shrink: opts.shrink, preallocation: opts.preallocation as Preallocation | undefined });
+        } catch (err) {
+          if (!(err instanceof ShrinkRefusedError)) throw err;
+          // qemu-img prints the error line, then the data-loss warning, exit 1.
+          const code = reportError(err, filename);
+          warn(SHRINK_WARNING);
+          return code;
+        }
         if (!opts.quiet) await writeOut('Image resized.\n');
       }),
     );

@@ -67,7 +67,9 @@ export function snapshotTable(snaps: SnapshotInfo[]): string {
     const secs = s.vmClockSec;
     const clock = `${two(Math.floor(secs / 3600))}:${two(Math.floor(secs / 60) % 60)}:${two(secs % 60)}.${String(Math.floor(s.vmClockNsec / 1e6) % 1000).padStart(3, '0')}`;
     const icount = s.icount !== undefined ? String(s.icount) : '';
-    out += `${s.id.padEnd(9)} ${s.name.padEnd(16)} ${sizeToStr(s.vmStateSize).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}\n`;
+    // qemu's printf pads by bytes, not characters (names with UTF-8 get less padding)
+    const padBytes = (t: string, n: number) => t + ' '.repeat(Math.max(0, n - Buffer.byteLength(t)));
+    out += `${padBytes(s.id, 9)} ${padBytes(s.name, 16)} ${sizeToStr(s.vmStateSize).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}\n`;
   }
   return out;
 }

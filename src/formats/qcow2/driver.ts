@@ -310,7 +310,9 @@ export class Qcow2Image implements BlockImage {
     // The tail of the old last cluster and anything a longer backing file would show.
     const tailEnd = Math.min(size, Math.ceil(old / g.clusterSize) * g.clusterSize);
     if (tailEnd > old) await this.writeZeroes(old, tailEnd - old);
-    if (this.backing && this.backing.virtualSize > old) await this.writeZeroes(old, Math.min(size, this.backing.virtualSize) - old);
+    // As qemu (BDRV_REQ_ZERO_WRITE on truncate): a backing file longer than the old size
+    // makes the whole new area zero clusters, not only the part the backing file covers.
+    if (this.backing && this.backing.virtualSize > old) await this.writeZeroes(old, size - old);
     if (opts.preallocation && opts.preallocation !== 'off') await this.preallocate(opts.preallocation, old);
     await this.flush();
   }
