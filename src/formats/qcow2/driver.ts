@@ -189,19 +189,22 @@ export class Qcow2Image implements BlockImage {
   }
 
   /**
-   * Before the first change: mark the image dirty when refcounts are lazy, and clear
-   * autoclear bits qimg does not maintain (bitmaps would silently go stale).
+   * Before the first change: mark the image dirty when refcounts are lazy, clear
+   * autoclear bits qimg does not know, and mark persistent bitmaps in use — qimg does
+   * not track writes in them, so they stop being trusted (QEMU then refuses to use
+   * them until they are removed) while their clusters stay accounted for.
    */
   private async beginModification(): Promise<void> {
     if (this.modified) return;
     this.modified = true;
     const h = this.header;
     let changed = false;
-    const keepAutoclear = C.AUTOCLEAR_DATA_FILE_RAW;
+    const keepAutoclear = C.AUTOCLEAR_DATA_FILE_RAW | (h.bitmaps ? C.AUTOCLEAR_BITMAPS : 0n);
     if ((h.autoclearFeatures & ~keepAutoclear) !== 0n) {
       h.autoclearFeatures &= keepAutoclear;
       changed = true;
     }
+    if (h.bitmaps && h.autoclearFeatures & C.AUTOCLEAR_BITMAPS) await this.markBitmapsInUse();
     if (this.lazyRefcounts && !(h.incompatibleFeatures & C.INCOMPAT_DIRTY)) {
       h.incompatibleFeatures |= C.INCOMPAT_DIRTY;
       changed = true;
@@ -212,6 +215,29 @@ export class Qcow2Image implements BlockImage {
       buf.writeBigUInt64BE(h.compatibleFeatures, 8);
       buf.writeBigUInt64BE(h.autoclearFeatures, 16);
       await this.file.write(buf, 72);
+      await this.sync();
+    }
+  }
+
+  /** Sets the in_use flag of every bitmap directory entry (written before any data). */
+  private async markBitmapsInUse(): Promise<void> {
+    const ext = this.header.bitmaps!;
+    // Validates the directory first; a damaged one is left alone (and reported by check).
+    await readBitmapDirectory(this.file, ext, this.geometry.clusterSize);
+    const dir = await this.file.readBytes(ext.directoryOffset, ext.directorySize);
+    let changed = false;
+    for (let pos = 0, i = 0; i < ext.nbBitmaps && pos + 24 <= dir.length; i++) {
+      const flags = dir.readUInt32BE(pos + 12);
+      if (!(flags & 1)) {
+        dir.writeUInt32BE((flags | 1) >>> 0, pos + 12);
+        changed = true;
+      }
+      const nameSize = dir.readUInt16BE(pos + 18);
+      const extra = dir.readUInt32BE(pos + 20);
+      pos += Math.ceil((24 + extra + nameSize) / 8) * 8;
+    }
+    if (changed) {
+      await this.file.write(dir, ext.directoryOffset);
       await this.sync();
     }
   }
