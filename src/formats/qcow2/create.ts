@@ -217,11 +217,13 @@ async function writeQcow2(path: string, spec: Qcow2CreateSpec, created: string[]
   }
   created.push(path);
   try {
-    await handle.write(head, 0, head.length, 0);
+    // The header goes last: until it is written the file is no qcow2 image at all, so a
+    // crash in between never leaves a header pointing at missing refcount structures.
     await handle.write(reftable, 0, reftable.length, reftableOffset);
     await handle.write(blocks, 0, blocks.length, refblockOffset);
     // The L1 table is not padded to a cluster, as in QEMU's images.
     await handle.truncate(l1Offset + l1Size * 8);
+    await handle.write(head, 0, head.length, 0);
     await handle.datasync();
   } finally {
     await handle.close();
