@@ -27,7 +27,9 @@ const SEED = process.env.CRASH_SEED ?? '4242';
  * for snapshot only; any other corruption fails. Remove once snapshot-ops switches
  * the metadata atomically.
  */
-const ALLOWED: Record<string, string[]> = { snapshot: ['oflag-copied'] };
+// No kind of corruption is tolerated for any operation (snapshot operations switch
+// their metadata atomically since the OFLAG_COPIED window was found).
+const ALLOWED: Record<string, string[]> = {};
 
 interface OpStats {
   op: string;

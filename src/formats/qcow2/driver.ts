@@ -45,6 +45,8 @@ export class Qcow2Image implements BlockImage {
   private readonly lock = new Mutex();
   /** set once the first modification prepared the header (dirty bit, autoclear bits) */
   private modified = false;
+  /** the metadata was switched to a new generation; see adoptGeneration */
+  private switched = false;
   /** a snapshot view sharing another image's files (closing it closes nothing) */
   private isView = false;
   /** skip fsync barriers (convert's target, like qemu-img's cache=unsafe) */
@@ -182,6 +184,7 @@ export class Qcow2Image implements BlockImage {
   }
 
   private assertWritable(offset: number, length: number): void {
+    if (this.switched) throw new QimgError('image metadata was replaced; reopen the image to write', { file: this.filename });
     if (!this.file.writable || this.isView) throw new QimgError('image is opened read-only', { file: this.filename });
     if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
       throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
@@ -454,13 +457,14 @@ export class Qcow2Image implements BlockImage {
     return this.l2Cache.get(offset);
   }
 
-  /** A cluster that held an L2 table was freed: its cached copy must not be written. */
-  forgetL2(offset: number): void {
-    this.l2Cache.drop(offset);
-  }
-
-  markL1Dirty(index: number): void {
-    this.l1Dirty.add(index);
+  /**
+   * After an atomic metadata switch (metadata-switch.ts) the caches describe the old
+   * generation: nothing more may be flushed from them, the image only gets closed.
+   */
+  adoptGeneration(): void {
+    this.switched = true;
+    this.l2Cache.clear();
+    this.l1Dirty.clear();
   }
 
   /** Writes every change with the ordered flush (refcounts, L2, L1, then frees). */
@@ -472,26 +476,6 @@ export class Qcow2Image implements BlockImage {
   private async writeHeaderBytes(offset: number, bytes: Buffer): Promise<void> {
     await this.file.write(bytes, offset);
     await this.sync();
-  }
-
-  /** Switches the header to a new snapshot table (nb_snapshots and offset in one write). */
-  async setSnapshotTable(offset: number, snaps: Qcow2Snapshot[]): Promise<void> {
-    const b = Buffer.alloc(12);
-    b.writeUInt32BE(snaps.length, 0);
-    writeU64(b, 4, offset);
-    await this.writeHeaderBytes(60, b);
-    this.header.nbSnapshots = snaps.length;
-    this.header.snapshotsOffset = offset;
-    this.snapshots = snaps;
-  }
-
-  /** Overwrites the active L1 table in place with `next` (same size), durably. */
-  async replaceActiveL1(next: Buffer): Promise<void> {
-    if (next.length !== this.header.l1Size * 8) throw new Error('L1 size mismatch');
-    await this.file.write(next, this.header.l1TableOffset);
-    await this.sync();
-    this.l1 = next;
-    this.l1Dirty.clear();
   }
 
   /**
@@ -530,13 +514,6 @@ export class Qcow2Image implements BlockImage {
     writeU64(b, 0, size);
     await this.writeHeaderBytes(24, b);
     this.header.size = size;
-  }
-
-  /** Before applying a snapshot of another size: room for its L1 and its size. */
-  async resizeForSnapshot(size: number, l1Entries: number): Promise<void> {
-    await this.beginModification();
-    await this.growL1(l1Entries);
-    await this.setVirtualSize(size);
   }
 
   /** fdatasync of the image (and data file), unless the cache mode is unsafe. */
@@ -768,7 +745,7 @@ export class Qcow2Image implements BlockImage {
     if (this.file.writable && this.modified) {
       try {
         await this.lock.run(async () => {
-          await this.flushMetadata(true);
+          if (!this.switched) await this.flushMetadata(true);
           const h = this.header;
           if (this.lazyRefcounts && h.incompatibleFeatures & C.INCOMPAT_DIRTY) {
             h.incompatibleFeatures &= ~C.INCOMPAT_DIRTY;
