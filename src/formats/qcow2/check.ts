@@ -24,6 +24,7 @@ import { ImageFile } from '../../io/file.js';
 import * as C from './constants.js';
 import { parseBitmapDirectory } from './bitmaps.js';
 import { readHeader, type Qcow2Header } from './header.js';
+import { snapshotString } from './snapshot.js';
 
 /** Repair leaked clusters (refcount > references). */
 export const FIX_LEAKS = 1;
@@ -338,8 +339,8 @@ class Qcow2Checker {
       const l1Hi = head.readUInt32BE(0);
       const l1Lo = head.readUInt32BE(4);
       this.snapshots.push({
-        id: strings.subarray(0, idSize).toString('utf8'),
-        name: strings.subarray(idSize).toString('utf8'),
+        id: snapshotString(strings.subarray(0, idSize)),
+        name: snapshotString(strings.subarray(idSize)),
         l1Hi,
         l1Lo,
         l1Offset: l1Hi * TWO32 + l1Lo,

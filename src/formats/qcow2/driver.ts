@@ -611,14 +611,7 @@ export class Qcow2Image implements BlockImage {
       const realClusters = Math.floor((await this.file.allocatedSize()) / cs);
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
       const nbClusters = Math.ceil(this.file.size / cs);
-      let allocated = 0;
-      for (let i = 0; i < nbClusters; i++) {
-        const rc = await this.refcounts.get(i);
-        if (rc !== 0 && ++allocated > threshold) {
-          this.metadataPrealloc = true;
-          break;
-        }
-      }
+      this.metadataPrealloc = (await this.refcounts.countInUse(nbClusters, threshold + 1)) > threshold;
     } catch {
       // Refcounts are not needed for reading; a damaged table only loses this refinement.
     }

@@ -32,7 +32,10 @@ export interface Geometry {
   subclusterSize: number;
   /** v2 images may not use the zero flag */
   version: number;
-  /** with an external data file, offset 0 + COPIED is a valid data cluster */
+  /**
+   * with an external data file, offset 0 + COPIED is a valid data cluster, and every
+   * host cluster must be its guest cluster
+   */
   hasDataFile: boolean;
 }
 
@@ -135,6 +138,7 @@ export function lookupRun(
   const inCluster = inTable % cs;
   if (!g.extendedL2) {
     const first = decodeCluster(l2, l2Offset, index, g, file);
+    if (g.hasDataFile && first.hostOffset !== undefined) checkDataFileMapping(first.hostOffset, offset - inCluster, index, file);
     if (first.type === Sub.Compressed) {
       return { type: Sub.Compressed, length: Math.min(limit, cs - inCluster), compressed: first.compressed };
     }
@@ -166,6 +170,7 @@ export function lookupRun(
     return { type: Sub.Compressed, length: Math.min(limit, cs - inCluster), compressed: ent.compressed };
   }
   const type = subType(ent, scIndex);
+  if (g.hasDataFile && ent.host !== undefined) checkDataFileMapping(ent.host, offset - inCluster, index, file);
   const hostAt = (e: ExtEntry, i: number): number | undefined =>
     e.host !== undefined && type !== Sub.ZeroPlain && type !== Sub.UnallocatedPlain ? e.host + i * sc : undefined;
   const firstHost = hostAt(ent, scIndex);
@@ -188,6 +193,20 @@ export function lookupRun(
     length += sc;
   }
   return { type, length: Math.min(length, limit), hostOffset: firstHost !== undefined ? firstHost + inSub : undefined };
+}
+
+/**
+ * An external data file holds each guest cluster at its guest offset (QEMU and qimg
+ * allocate it there): QEMU refuses an L2 entry that says otherwise, where qimg read
+ * elsewhere in the data file (found by the fuzzer's qemu-img oracle).
+ */
+function checkDataFileMapping(hostCluster: number, guestCluster: number, index: number, file: string): void {
+  if (hostCluster !== guestCluster) {
+    throw new CorruptImageError(
+      file,
+      `Image is corrupt: External data file host cluster offset ${hex(hostCluster)} does not match guest cluster offset: ${hex(guestCluster)}, L2 index: ${hex(index)})`,
+    );
+  }
 }
 
 interface ClusterEntry {

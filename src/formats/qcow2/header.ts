@@ -173,7 +173,10 @@ export async function readHeader(file: ImageFile): Promise<Qcow2Header> {
   const needed = (sizeRaw + span - 1n) / span;
   if (needed > 0x7fffffffn) fail('Image is too big');
   if (BigInt(h.l1Size) < needed) fail('L1 table is too small');
-  h.size = u64ToNumber(sizeRaw, 'Image size', name);
+  // QEMU counts the disk in 512-byte sectors (total_sectors = size / 512): a size that
+  // is not a multiple of 512 (QEMU never writes one) is rounded down, or info, map and
+  // convert disagree with qemu-img by up to 511 bytes (found by the fuzzer's oracle).
+  h.size = Math.floor(u64ToNumber(sizeRaw, 'Image size', name) / 512) * 512;
 
   if (h.backingFileOffset !== 0) {
     const len = h.backingFileSize;
@@ -220,8 +223,10 @@ async function readExtensions(file: ImageFile, h: Qcow2Header, start: number, en
     const type = area.readUInt32BE(pos);
     const len = area.readUInt32BE(pos + 4);
     pos += 8;
-    if (type === C.EXT_END) return;
+    // The length is checked before the end marker, as QEMU does: an end marker with a
+    // length past the area is an error there (found by the fuzzer's qemu-img oracle).
     if (len > area.length - pos) fail('Header extension too large');
+    if (type === C.EXT_END) return;
     const data = area.subarray(pos, pos + len);
     switch (type) {
       case C.EXT_BACKING_FORMAT:

@@ -136,6 +136,24 @@ export class Refcounts {
     return readRefcountEntry(block, cluster % this.blockEntries, this.bits);
   }
 
+  /**
+   * How many of clusters [0, limit) have a refcount, counting block by block (no
+   * per-cluster await); stops early once `stopAt` is reached.
+   */
+  async countInUse(limit: number, stopAt = Infinity): Promise<number> {
+    let n = 0;
+    for (let index = 0; index * this.blockEntries < limit; index++) {
+      const off = this.blockOffset(index);
+      if (off === 0) continue;
+      const block = await this.blocks.get(off);
+      const end = Math.min(this.blockEntries, limit - index * this.blockEntries);
+      for (let i = 0; i < end; i++) {
+        if (readRefcountEntry(block, i, this.bits) !== 0 && ++n >= stopAt) return n;
+      }
+    }
+    return n;
+  }
+
   /** Sets the refcount of `cluster`, creating its refcount block when needed. */
   async set(cluster: number, value: number): Promise<void> {
     if (value > this.maxRefcount || value < 0) {

@@ -25,6 +25,15 @@ export interface Qcow2Snapshot {
 }
 
 const ENTRY_HEADER = 40;
+
+/**
+ * A snapshot id or name as QEMU sees it: a C string, so it ends at the first NUL
+ * (found by the fuzzer: hostile names printed NUL bytes in `check` and `info` lines).
+ */
+export function snapshotString(bytes: Buffer): string {
+  const nul = bytes.indexOf(0);
+  return (nul < 0 ? bytes : bytes.subarray(0, nul)).toString('utf8');
+}
 /** The table is read through a window: 65536 small entries are not 196608 reads. */
 const WINDOW = 1024 * 1024;
 
@@ -77,8 +86,8 @@ export async function readSnapshotTable(
     if (extraSize >= 24) icount = extra.readBigInt64BE(16);
     void version; // v3 entries shorter than 16 bytes are accepted with the current size, as QEMU does
     const strings = await read(pos, idSize + nameSize);
-    const id = strings.subarray(0, idSize).toString('utf8');
-    const sname = strings.subarray(idSize).toString('utf8');
+    const id = snapshotString(strings.subarray(0, idSize));
+    const sname = snapshotString(strings.subarray(idSize));
     pos += idSize + nameSize;
     pos = Math.ceil(pos / 8) * 8;
     if (pos - offset > MAX_SNAPSHOT_TABLE_BYTES) throw new CorruptImageError(name, 'Snapshot table is too big');
