@@ -2,8 +2,8 @@
  * The mutation fuzzer (see fuzz-runner.ts for what one case checks, mutations.ts for
  * the mutations, pool.ts for the children that run them).
  *
- * In CI: a fixed master seed and a fixed number of cases, after the regression seeds
- * of the bugs the fuzzer found. `npm run fuzz` is the long run:
+ * In CI: the regression seeds of the bugs the fuzzer found (with the qemu-img oracle),
+ * then a fixed master seed and a fixed number of cases. `npm run fuzz` is the long run:
  *   FUZZ_SECONDS  how long to start new cases (default 600)
  *   FUZZ_CASES    how many cases at most (default: no limit)
  *   FUZZ_SEED     master seed (default: random, printed)
@@ -34,7 +34,7 @@ import { qemuAvailable } from '../helpers/qemu.js';
 const env = process.env;
 const long = env.FUZZ_LONG === '1' || !!env.FUZZ_CASES || !!env.FUZZ_SECONDS || !!env.FUZZ_REPLAY;
 
-/** Master seed and size of the CI run (about a minute on an idle 2-core machine). */
+/** Master seed and size of the CI run (20-30 s on a 2-core machine, two children). */
 const CI_SEED = 20240601;
 const CI_CASES = 3000;
 
@@ -44,7 +44,7 @@ const CI_CASES = 3000;
  * where the bug was a divergence from qemu-img rather than a crash. A seed stands for
  * the case mutations.ts makes of it: after changing how mutations are drawn, replay
  * these (FUZZ_REPLAY=seed) and check that they still make the case described. The
- * hand-made forms of the same bugs are the tests above.
+ * hand-made forms of the same bugs are the tests below.
  */
 const REGRESSIONS: Array<{ seed: number; bug: string; outcome?: Record<string, string> }> = [
   {

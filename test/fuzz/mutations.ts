@@ -8,8 +8,13 @@
  * `mutate` then applies 1-4 seeded random mutations to a copy of the image: field
  * values from a mix of boundary values (0, 1, 2^31, 2^32-1, 2^53, 2^63, 2^64-1, ...),
  * pointers at other metadata, past the end of the file or unaligned, bit flips, random
- * values, plus random byte flips and truncation anywhere. Each mutation is described in
- * one short line so that a failure report says what was done to the image.
+ * values; entry flags (copied, compressed, zero, reserved bits, subcluster bitmaps),
+ * copies of other entries; compressed descriptors (sector counts, offsets near the end
+ * of the file) and payloads (their stream headers most of all); snapshot entry lengths
+ * around the limits; backing file names (loops, devices, missing files) and formats; a
+ * huge virtual size with a just large enough L1 table; random byte flips and
+ * truncation anywhere. Each mutation is described in one short line so that a failure
+ * report says what was done to the image.
  *
  * The layout is parsed from the original bytes only: later mutations never depend on
  * earlier ones, so a case is reproduced from its seed alone.
@@ -422,7 +427,10 @@ class Editor {
   }
 
   flipBits(from: number, to: number, what: string): void {
-    if (to <= from) return;
+    if (to <= from) {
+      this.log.push(`${what}: nothing to flip`);
+      return;
+    }
     const n = this.r.int(1, 8);
     const spots: string[] = [];
     for (let i = 0; i < n; i++) {
