@@ -5,15 +5,38 @@
  */
 import type { BlockImage } from './block-image.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from './options.js';
-import type { ImageFile } from '../io/file.js';
+import type { HostFile } from '../io/host.js';
 import type { OpenContext } from './open.js';
+
+/** What one `check` pass found (qemu's BdrvCheckResult); zero counts are not printed. */
+export interface ImageCheckCounts {
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  /** end of the last used host cluster (0 = not reported) */
+  imageEndOffset: number;
+  /** virtual size in clusters (0 = not reported) */
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+export interface FormatCheckOptions {
+  /** FIX_LEAKS (1) | FIX_ERRORS (2), or 0 for a read-only check */
+  fix: number;
+  /** receives each per-problem line (qemu prints them on stderr), without newline */
+  log: (line: string) => void;
+}
 
 export interface FormatDriver {
   readonly name: string;
   /** Score for the first bytes of a file: 0 = not mine, higher wins; raw answers 1. */
   probe(head: Buffer, filename: string): number;
   /** Opens an image on an already open file. */
-  open(file: ImageFile, ctx: OpenContext): Promise<BlockImage>;
+  open(file: HostFile, ctx: OpenContext): Promise<BlockImage>;
   /** Options `create`/`convert -o` accept for this format. */
   readonly createOptions: readonly OptionSpec[];
   /**
@@ -23,6 +46,20 @@ export interface FormatDriver {
   describeCreate(size: bigint, options: ParsedOptions): string;
   /** Validates options (qemu-img's messages) and creates the image; size in bytes. */
   create(path: string, size: number, options: Map<string, OptionValue>): Promise<void>;
+  /**
+   * qemu-img check for this format, run on the file by name (the image is not open);
+   * absent: "This image format does not support checks" (exit 63).
+   */
+  check?(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts>;
+  /** `convert -c` is allowed for this output format (qemu's bdrv_co_pwritev_compressed) */
+  readonly supportsCompression?: boolean;
+  /** `measure -O` works for this format (qemu's bdrv_measure); else qemu's refusal */
+  readonly supportsMeasure?: boolean;
+  /**
+   * Not offered to probing (a format that is only opened by name, or one whose probe
+   * would shadow another). Probe scores: qemu's, 100 for a certain magic.
+   */
+  readonly noProbe?: boolean;
 }
 
 const drivers: FormatDriver[] = [];
@@ -44,6 +81,7 @@ export function probeDriver(head: Buffer, filename: string): FormatDriver {
   let best: FormatDriver | undefined;
   let bestScore = 0;
   for (const d of drivers) {
+    if (d.noProbe) continue;
     const score = d.probe(head, filename);
     if (score > bestScore) {
       best = d;

@@ -6,10 +6,11 @@
 import { isAbsolute, resolve } from 'node:path';
 import { realpathSync, statSync } from 'node:fs';
 import type { BlockImage } from './block-image.js';
-import { findDriver, probeDriver } from './driver.js';
+import { findDriver, probeDriver, type FormatDriver } from './driver.js';
 import { QimgError } from './errors.js';
 import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
+import type { HostFile } from '../io/host.js';
 
 /** Longest backing chain qimg opens. */
 export const MAX_CHAIN_DEPTH = 256;
@@ -45,6 +46,11 @@ export interface OpenContext {
   repairedDirty?: boolean;
   /** opens a backing (or other referenced) image in this chain */
   openBacking(name: string, format: string | undefined, from: string): Promise<BlockImage>;
+  /**
+   * opens an image stored inside this one's storage (an archive member: an OVA's
+   * disk), probing its format when none is given; closing the image closes `host`
+   */
+  openNested(host: HostFile, format: string | undefined): Promise<BlockImage>;
 }
 
 /**
@@ -102,22 +108,37 @@ async function openInChain(
   const lock = options.forceShare || (chain.length > 0 && options.shareBacking) ? 'none' : writable ? 'write' : 'read';
   const file = await ImageFile.open(filename, { writable, lock });
   try {
-    let driver = format ? findDriver(format) : undefined;
+    const driver = format ? findDriver(format) : undefined;
     if (format && !driver) throw new QimgError(`Unknown driver '${format}'`);
-    if (!driver) {
-      const head = await file.readBytes(0, Math.min(PROBE_BYTES, Math.max(file.size, 0)));
-      driver = probeDriver(head, filename);
-    }
-    const ctx: OpenContext = {
-      options,
-      chain: [...chain, real],
-      openBacking: (name, fmt, from) => openBackingOf(name, fmt, from, options, [...chain, real]),
-    };
-    return await driver.open(file, ctx);
+    return await openOnHost(file, driver, options, [...chain, real]);
   } catch (err) {
     await file.close().catch(() => undefined);
     throw err;
   }
+}
+
+/** Opens `host` with `driver` (or the probed driver); `chain` already holds this image. */
+async function openOnHost(host: HostFile, driver: FormatDriver | undefined, options: OpenOptions, chain: string[]): Promise<BlockImage> {
+  if (!driver) {
+    const head = await host.readBytes(0, Math.min(PROBE_BYTES, Math.max(host.size, 0)));
+    driver = probeDriver(head, host.path);
+  }
+  const ctx: OpenContext = {
+    options,
+    chain,
+    openBacking: (name, fmt, from) => openBackingOf(name, fmt, from, options, chain),
+    openNested: async (inner, fmt) => {
+      const d = fmt ? findDriver(fmt) : undefined;
+      if (fmt && !d) throw new QimgError(`Unknown driver '${fmt}'`);
+      try {
+        return await openOnHost(inner, d, options, chain);
+      } catch (err) {
+        await inner.close().catch(() => undefined);
+        throw err;
+      }
+    },
+  };
+  return driver.open(host, ctx);
 }
 
 function statOrUndefined(path: string): ReturnType<typeof statSync> | undefined {

@@ -9,8 +9,9 @@ import { QimgError, describeSystemError } from '../core/errors.js';
 import { native, SEEK_END } from './native.js';
 import { fileRunAt, type FileRun } from './sparse.js';
 import { lockImage, type LockMode } from './lock.js';
+import type { HostFile } from './host.js';
 
-export class ImageFile {
+export class ImageFile implements HostFile {
   private constructor(
     readonly path: string,
     private readonly handle: FileHandle,

@@ -1,16 +1,18 @@
 /**
- * `check`: format dispatch and the result qemu-img reports (its ImageCheck). Only
- * qcow2 has a check; every other format answers "does not support checks" (exit 63).
+ * `check`: format dispatch and the result qemu-img reports (its ImageCheck). Formats
+ * without a check hook answer "does not support checks" (exit 63), as qemu-img does.
  */
 import { QimgError } from '../core/errors.js';
 import { openImage } from '../core/open.js';
 import { ImageFile } from '../io/file.js';
-import { checkQcow2, FIX_ERRORS, FIX_LEAKS, type Qcow2CheckResult } from '../formats/qcow2/check.js';
+import { findDriver, type ImageCheckCounts } from '../core/driver.js';
 
-export { FIX_ERRORS, FIX_LEAKS };
+/** qemu's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS */
+export const FIX_LEAKS = 1;
+export const FIX_ERRORS = 2;
 
 /** qemu's ImageCheck: one check pass of one image. */
-export interface ImageCheck extends Qcow2CheckResult {
+export interface ImageCheck extends ImageCheckCounts {
   filename: string;
   format: string;
 }
@@ -38,13 +40,14 @@ export async function checkImage(filename: string, opts: CheckOptions): Promise<
   const img = await openImage(filename, { format: opts.format, forceShare: opts.forceShare });
   const format = img.format;
   await img.close();
-  if (format !== 'qcow2') {
+  const driver = findDriver(format);
+  if (!driver?.check) {
     throw new QimgError('This image format does not support checks', { file: filename, exitCode: EXIT_NO_CHECK });
   }
   // Hold QEMU's locks while checking: a repair must not race a running VM.
   const holder = opts.forceShare ? null : await ImageFile.open(filename, { lock: opts.fix ? 'write' : 'read' });
   try {
-    const res = await checkQcow2(filename, { fix: opts.fix, log: opts.log });
+    const res = await driver.check(filename, { fix: opts.fix, log: opts.log });
     return { ...res, filename, format };
   } finally {
     await holder?.close();

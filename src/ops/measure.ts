@@ -110,7 +110,7 @@ export async function measure(opts: { format: string; optionStrings: string[]; s
     const required = src ? src.virtualSize : Number(roundUp(Number(opts.size ?? 0n), 512));
     return { required, fullyAllocated: required };
   }
-  if (driver.name !== 'qcow2') throw new QimgError(`Format driver '${driver.name}' does not support measure`);
+  if (driver.name !== 'qcow2') throw new QimgError(`Block driver '${driver.name}' does not support size measurement`, { file: '' });
   const virtual = src ? src.virtualSize : Number(opts.size ?? 0n);
   const spec = qcow2MeasureSpec(parsed.values);
   const aligned = roundUp(virtual, spec.clusterSize);

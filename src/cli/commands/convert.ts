@@ -94,7 +94,7 @@ export function registerConvert(program: Command, run: (file: string | undefined
         if (backing !== undefined && !driver.createOptions.some((o) => o.name === 'backing_file')) {
           throw new UsageError(`Backing file not supported for file format '${driver.name}'`);
         }
-        if (opts.compress && driver.name !== 'qcow2') throw new UsageError('Compression not supported for this file format');
+        if (opts.compress && !driver.supportsCompression) throw new UsageError('Compression not supported for this file format');
         const parallel = Number(opts.parallel);
         if (!Number.isInteger(parallel) || parallel < 1 || parallel > MAX_COROUTINES) {
           throw new UsageError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`);

@@ -8,6 +8,7 @@
 import { QimgError } from '../../core/errors.js';
 import type { OptionValue } from '../../core/options.js';
 import { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import { writeU64 } from '../../core/units.js';
 import * as C from './constants.js';
 import type { Qcow2Header } from './header.js';
@@ -119,7 +120,7 @@ export async function amendQcow2(img: Qcow2Image, plan: AmendPlan): Promise<void
  * (crash before the header switch: the old structure is still the valid one); then
  * the header points at it and the old table and blocks are simply no longer counted.
  */
-async function rewriteRefcounts(file: ImageFile, h: Qcow2Header, bits: number): Promise<void> {
+async function rewriteRefcounts(file: HostFile, h: Qcow2Header, bits: number): Promise<void> {
   const cs = 2 ** h.clusterBits;
   const oldBits = 1 << h.refcountOrder;
   const oldEntries = (cs * 8) / oldBits;

@@ -20,7 +20,7 @@
  * QEMU 7.2 lets through.
  */
 import { CorruptImageError } from '../../core/errors.js';
-import type { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 import type { BitmapsExtension } from './header.js';
 
@@ -76,7 +76,7 @@ const DIR_ENTRY_HEADER = 24;
  * Without it that check is skipped.
  */
 export async function readBitmapDirectory(
-  file: ImageFile,
+  file: HostFile,
   ext: BitmapsExtension,
   clusterSize: number,
   virtualSize?: number,

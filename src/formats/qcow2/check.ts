@@ -21,6 +21,7 @@
  */
 import { QimgError } from '../../core/errors.js';
 import { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 import { parseBitmapDirectory } from './bitmaps.js';
 import { readHeader, type Qcow2Header } from './header.js';
@@ -285,7 +286,7 @@ class Qcow2Checker {
   private corruptionSignalled = false;
 
   constructor(
-    readonly file: ImageFile,
+    readonly file: HostFile,
     readonly h: Qcow2Header,
     reftable: Buffer,
     public log: (line: string) => void,

@@ -10,6 +10,7 @@ import { joinBackingName, resolveRelative, type OpenContext } from '../../core/o
 import { existsSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 import { decompressCluster, DecompressError } from './compress.js';
 import { lookupRun, l2OffsetFromL1, Sub, type Geometry, type Run } from './entries.js';
@@ -53,13 +54,13 @@ export class Qcow2Image implements BlockImage {
   unsafeCache = false;
 
   constructor(
-    readonly file: ImageFile,
+    readonly file: HostFile,
     readonly filename: string,
     readonly header: Qcow2Header,
     public l1: Buffer,
     readonly refcountTable: Buffer,
     public snapshots: Qcow2Snapshot[],
-    readonly dataFile: ImageFile | null,
+    readonly dataFile: HostFile | null,
     readonly backing: BlockImage | null,
   ) {
     const extendedL2 = (header.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n;
@@ -127,7 +128,7 @@ export class Qcow2Image implements BlockImage {
   }
 
   /** Where guest data lives: the external data file, or the image itself. */
-  get dataTarget(): ImageFile {
+  get dataTarget(): HostFile {
     return this.dataFile ?? this.file;
   }
 
@@ -773,7 +774,7 @@ function snapshotInfo(s: Qcow2Snapshot): SnapshotInfo {
   return info;
 }
 
-async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage> {
+async function openQcow2(file: HostFile, ctx: OpenContext): Promise<BlockImage> {
   const name = file.path;
   const h = await readHeader(file);
   const clusterSize = 2 ** h.clusterBits;
@@ -801,7 +802,7 @@ async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage>
   const refcountTable = await file.readBytes(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
   const snapshots = await readSnapshotTable(file, h.snapshotsOffset, h.nbSnapshots, h.version, h.size);
 
-  let dataFile: ImageFile | null = null;
+  let dataFile: HostFile | null = null;
   let backing: BlockImage | null = null;
   try {
     if (!metadataOnly && h.incompatibleFeatures & C.INCOMPAT_DATA_FILE) {
@@ -823,7 +824,7 @@ async function openQcow2(file: ImageFile, ctx: OpenContext): Promise<BlockImage>
  * The external data file: its name is taken relative to the image's directory; QEMU
  * 7.2 used the working directory, so that is tried second for images made that way.
  */
-async function openDataFile(dataName: string, imagePath: string, writable: boolean): Promise<ImageFile> {
+async function openDataFile(dataName: string, imagePath: string, writable: boolean): Promise<HostFile> {
   const candidates = [resolveRelative(dataName, imagePath)];
   // QEMU 7.2 also looked in the working directory; never for untrusted images.
   if (!isAbsolute(dataName) && !candidates.includes(dataName) && !untrustedMode()) candidates.push(dataName);
@@ -841,4 +842,8 @@ export const qcow2Driver: FormatDriver = {
   open: openQcow2,
   describeCreate: describeQcow2Create,
   create: (path, size, options) => createQcow2(path, qcow2SpecFromOptions(size, options)),
+  // check is the largest module of the driver: loaded only by `check`
+  check: async (filename, opts) => (await import('./check.js')).checkQcow2(filename, opts),
+  supportsCompression: true,
+  supportsMeasure: true,
 };

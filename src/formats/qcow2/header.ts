@@ -5,7 +5,7 @@
  */
 import { CorruptImageError, UnsupportedError } from '../../core/errors.js';
 import { readU64, u64ToNumber } from '../../core/units.js';
-import type { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 
 export interface FeatureName {
@@ -73,7 +73,7 @@ function storedName(bytes: Buffer): string {
 }
 
 /** Reads and validates the header of `file`. */
-export async function readHeader(file: ImageFile): Promise<Qcow2Header> {
+export async function readHeader(file: HostFile): Promise<Qcow2Header> {
   const name = file.path;
   const fail = (msg: string): never => {
     throw new CorruptImageError(name, msg);
@@ -209,7 +209,7 @@ function validateTable(
   }
 }
 
-async function readExtensions(file: ImageFile, h: Qcow2Header, start: number, end: number): Promise<void> {
+async function readExtensions(file: HostFile, h: Qcow2Header, start: number, end: number): Promise<void> {
   const name = file.path;
   const clusterSize = 2 ** h.clusterBits;
   if (start >= end) return;

@@ -22,7 +22,7 @@
  * Error messages are QEMU's own, so `qimg` fails with the same words as qemu-img.
  */
 import { CorruptImageError } from '../../core/errors.js';
-import type { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import type { CryptoExtension } from './header.js';
 
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
@@ -108,7 +108,7 @@ const CIPHER_FAMILIES: Record<string, { label: string; keySizes: number[] }> = {
 };
 
 /** Reads the LUKS header the crypto extension points at and returns qemu-img info's "encrypt" object. */
-export async function readLuksInfo(file: ImageFile, crypto: CryptoExtension): Promise<Record<string, unknown>> {
+export async function readLuksInfo(file: HostFile, crypto: CryptoExtension): Promise<Record<string, unknown>> {
   const header = await readLuksHeader(file, crypto);
   const algs = luksAlgorithms(header, file.path);
   checkWithinCryptoArea(header, crypto, file.path);
@@ -116,7 +116,7 @@ export async function readLuksInfo(file: ImageFile, crypto: CryptoExtension): Pr
 }
 
 /** Reads and structurally validates the LUKS header of a qcow2 image (QEMU's checks, in QEMU's order). */
-export async function readLuksHeader(file: ImageFile, crypto: CryptoExtension): Promise<LuksHeader> {
+export async function readLuksHeader(file: HostFile, crypto: CryptoExtension): Promise<LuksHeader> {
   if (crypto.length < LUKS_HEADER_SIZE) {
     throw new CorruptImageError(
       file.path,

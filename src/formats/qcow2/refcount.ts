@@ -11,7 +11,7 @@
  *   table is freed.
  */
 import { CorruptImageError, QimgError } from '../../core/errors.js';
-import type { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import { TableCache } from './table-cache.js';
 
 /** Entry `i` of a refcount block with `bits`-wide entries (sub-byte widths: bit 0 = LSB). */
@@ -90,7 +90,7 @@ export class Refcounts {
    * @param onTableMoved writes the header's refcount_table_offset/clusters (durably)
    */
   constructor(
-    private readonly file: ImageFile,
+    private readonly file: HostFile,
     table: Buffer,
     layout: RefcountLayout,
     private readonly onTableMoved?: (offset: number, clusters: number) => Promise<void>,

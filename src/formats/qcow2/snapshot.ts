@@ -4,7 +4,7 @@
  */
 import { CorruptImageError } from '../../core/errors.js';
 import { readU64 } from '../../core/units.js';
-import type { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import { MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES, MAX_L1_BYTES } from './constants.js';
 
 export interface Qcow2Snapshot {
@@ -38,7 +38,7 @@ export function snapshotString(bytes: Buffer): string {
 const WINDOW = 1024 * 1024;
 
 /** Reads of a sequentially parsed table; returned buffers share the window (copy what is kept). */
-function windowedReader(file: ImageFile): (pos: number, len: number) => Promise<Buffer> {
+function windowedReader(file: HostFile): (pos: number, len: number) => Promise<Buffer> {
   let buf: Buffer = Buffer.alloc(0);
   let start = 0;
   return async (pos, len) => {
@@ -51,7 +51,7 @@ function windowedReader(file: ImageFile): (pos: number, len: number) => Promise<
 }
 
 export async function readSnapshotTable(
-  file: ImageFile,
+  file: HostFile,
   offset: number,
   count: number,
   version: number,

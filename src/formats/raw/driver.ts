@@ -6,7 +6,7 @@ import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.
 import type { FormatDriver } from '../../core/driver.js';
 import type { OpenContext } from '../../core/open.js';
 import type { OptionSpec } from '../../core/options.js';
-import type { ImageFile } from '../../io/file.js';
+import type { HostFile } from '../../io/host.js';
 import { alignUp } from '../../core/units.js';
 import { QimgError } from '../../core/errors.js';
 import { allocateFile, zeroFileRange } from '../../io/allocate.js';
@@ -29,7 +29,7 @@ export class RawImage implements BlockImage {
   readonly backing = null;
   readonly allocationUnit = 512;
   constructor(
-    readonly file: ImageFile,
+    readonly file: HostFile,
     readonly filename: string,
   ) {}
 
@@ -149,7 +149,8 @@ export const rawDriver: FormatDriver = {
   createOptions: rawCreateOptions,
   describeCreate: (size, o) => [`size=${size}`, ...(o.raw.has('preallocation') ? [`preallocation=${o.raw.get('preallocation')}`] : [])].join(' '),
   create: createRaw,
-  async open(file: ImageFile, _ctx: OpenContext): Promise<BlockImage> {
+  supportsMeasure: true,
+  async open(file: HostFile, _ctx: OpenContext): Promise<BlockImage> {
     return new RawImage(file, file.path);
   },
 };
