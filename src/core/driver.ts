@@ -60,6 +60,8 @@ export interface FormatDriver {
    * would shadow another). Probe scores: qemu's, 100 for a certain magic.
    */
   readonly noProbe?: boolean;
+  /** an archive of images (OVA): `ARCHIVE/MEMBER` names open one of its disks */
+  readonly archive?: boolean;
 }
 
 const drivers: FormatDriver[] = [];

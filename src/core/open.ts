@@ -35,6 +35,8 @@ export interface OpenOptions {
   shareBacking?: boolean;
   /** format of the backing file when the image does not record one */
   backingFormat?: string;
+  /** format of an archive member opened by name (`-f` given with `x.ova/disk.vmdk`) */
+  memberFormat?: string;
 }
 
 /** State shared by every image opened for one chain. */
@@ -42,6 +44,11 @@ export interface OpenContext {
   options: OpenOptions;
   /** real paths of the images above this one, top first */
   chain: string[];
+  /**
+   * a member of an archive image, from a name like `appliance.ova/disk2.vmdk` (the
+   * archive is a regular file, so such a path cannot name anything else)
+   */
+  member?: string;
   /** set once a dirty image has been repaired during this open */
   repairedDirty?: boolean;
   /** opens a backing (or other referenced) image in this chain */
@@ -93,6 +100,10 @@ async function openInChain(
   if (chain.length >= MAX_CHAIN_DEPTH) {
     throw new QimgError(`Backing chain is deeper than ${MAX_CHAIN_DEPTH} images`);
   }
+  const archived = splitArchivePath(filename);
+  if (archived) {
+    return openArchiveMember(archived.archive, archived.member, format, options, chain, real);
+  }
   // open() of a FIFO without a writer never returns (qemu-img hangs there too), and
   // neither a FIFO nor a socket can be an image: refuse them before opening.
   const st = statOrUndefined(filename);
@@ -117,8 +128,55 @@ async function openInChain(
   }
 }
 
+/**
+ * `DIR/archive.ova/disk.vmdk`: when a path fails because one of its components is a
+ * regular file, that file is an archive and the rest names a member in it.
+ */
+function splitArchivePath(filename: string): { archive: string; member: string } | undefined {
+  try {
+    statSync(filename);
+    return undefined;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOTDIR') return undefined;
+  }
+  for (let i = filename.lastIndexOf('/'); i > 0; i = filename.lastIndexOf('/', i - 1)) {
+    const prefix = filename.slice(0, i);
+    if (statOrUndefined(prefix)?.isFile()) return { archive: prefix, member: filename.slice(i + 1) };
+  }
+  return undefined;
+}
+
+/** Opens a member of an archive image: the archive's driver must know members. */
+async function openArchiveMember(
+  archive: string,
+  member: string,
+  format: string | undefined,
+  options: OpenOptions,
+  chain: string[],
+  real: string,
+): Promise<BlockImage> {
+  if (options.writable) throw new QimgError(`Could not open '${archive}/${member}': members of an archive are read-only`, { file: archive });
+  const file = await ImageFile.open(archive, { writable: false, lock: options.forceShare ? 'none' : 'read' });
+  try {
+    const head = await file.readBytes(0, Math.min(PROBE_BYTES, Math.max(file.size, 0)));
+    const driver = probeDriver(head, archive);
+    if (!driver.archive) throw new QimgError(`Could not open '${archive}/${member}': Not a directory`, { file: archive });
+    // -f names the member's format, not the archive's
+    return await openOnHost(file, driver, { ...options, memberFormat: format }, [...chain, real], member);
+  } catch (err) {
+    await file.close().catch(() => undefined);
+    throw err;
+  }
+}
+
 /** Opens `host` with `driver` (or the probed driver); `chain` already holds this image. */
-async function openOnHost(host: HostFile, driver: FormatDriver | undefined, options: OpenOptions, chain: string[]): Promise<BlockImage> {
+async function openOnHost(
+  host: HostFile,
+  driver: FormatDriver | undefined,
+  options: OpenOptions,
+  chain: string[],
+  member?: string,
+): Promise<BlockImage> {
   if (!driver) {
     const head = await host.readBytes(0, Math.min(PROBE_BYTES, Math.max(host.size, 0)));
     driver = probeDriver(head, host.path);
@@ -126,6 +184,7 @@ async function openOnHost(host: HostFile, driver: FormatDriver | undefined, opti
   const ctx: OpenContext = {
     options,
     chain,
+    member,
     openBacking: (name, fmt, from) => openBackingOf(name, fmt, from, options, chain),
     openNested: async (inner, fmt) => {
       const d = fmt ? findDriver(fmt) : undefined;
