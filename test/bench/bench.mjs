@@ -318,6 +318,19 @@ function generate(dir) {
     cmds.push('-c', `write -P 0x5a ${SIZES.empty - 64 * KiB} ${64 * KiB}`);
     sh('qemu-io', ['-f', 'qcow2', f('empty.qcow2'), ...cmds]);
   }
+  // The foreign formats' inputs: the 1 GiB subset as each of them, written by qemu-img.
+  const want = (id) => !ONLY || ONLY.has(id);
+  const foreign = [
+    ['vmdkso-qcow2', 'sub.so.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']],
+    ['vhdx-raw', 'sub.vhdx', ['-O', 'vhdx']],
+    ['vdi-qcow2', 'sub.vdi', ['-O', 'vdi']],
+    ['vpc-qcow2', 'sub.vhd', ['-O', 'vpc']],
+  ];
+  for (const [id, name, args] of foreign) {
+    if (!want(id)) continue;
+    log(`${name} (qemu-img convert ${args.join(' ')} of sub.raw)`);
+    sh('qemu-img', ['convert', '-f', 'raw', ...args, f('sub.raw'), f(name)]);
+  }
   sh('sync', []);
   return (Date.now() - t0) / 1000;
 }
@@ -333,6 +346,11 @@ function workloads(dir) {
     conv('chain-flat', 'chain→flat qcow2 (1G)', ['convert', '-O', 'qcow2'], 'top.qcow2', 'qcow2', { ratio: 1.0 }),
     conv('cqcow2-raw', 'compressed qcow2→raw (1G)', ['convert', '-O', 'raw'], 'subc.qcow2', 'raw', { ratio: 1.0 }),
     conv('raw-qcow2-c', 'raw→qcow2 -c zlib (1G)', ['convert', '-c', '-O', 'qcow2'], 'sub.raw', 'qcow2', { ratio: 0.5 }),
+    conv('vmdkso-qcow2', 'streamOptimized vmdk→qcow2 (1G)', ['convert', '-O', 'qcow2'], 'sub.so.vmdk', 'qcow2', { ratio: 1.0 }),
+    conv('vhdx-raw', 'vhdx→raw (1G)', ['convert', '-O', 'raw'], 'sub.vhdx', 'raw', { ratio: 1.0 }),
+    conv('raw-vmdk', 'raw→vmdk monolithicSparse (1G)', ['convert', '-O', 'vmdk'], 'sub.raw', 'vmdk', { ratio: 1.0 }),
+    conv('vdi-qcow2', 'vdi→qcow2 (1G)', ['convert', '-O', 'qcow2'], 'sub.vdi', 'qcow2', { ratio: 1.0 }),
+    conv('vpc-qcow2', 'vhd (vpc)→qcow2 (1G)', ['convert', '-O', 'qcow2'], 'sub.vhd', 'qcow2', { ratio: 1.0 }),
     conv('empty-raw', 'qcow2→raw (64G almost empty)', ['convert', '-O', 'raw'], 'empty.qcow2', 'raw', { node: 1.3 }),
     { id: 'info', name: 'info (4G qcow2)', kind: 'meta', args: ['info', f('big.qcow2')], target: { node: 1.3 } },
     { id: 'map', name: 'map --output=json (4G qcow2)', kind: 'meta', args: ['map', '--output=json', f('big.qcow2')], target: { node: 1.3 } },
@@ -351,8 +369,8 @@ function verify(w, qimgRes, qemuRes, outQ, outE, notes) {
     const fmt = w.outFmt;
     const c = sh('qemu-img', ['compare', '-f', fmt, '-F', fmt, outE, outQ], { allowFail: true });
     if (c.status !== 0) return `compare: ${(c.stdout + c.stderr).trim().split('\n')[0] || `exit ${c.status}`}`;
-    if (fmt === 'qcow2') {
-      const k = sh('qemu-img', ['check', '-f', 'qcow2', outQ], { allowFail: true });
+    if (['qcow2', 'vmdk', 'vdi', 'vhdx', 'qed', 'parallels'].includes(fmt)) {
+      const k = sh('qemu-img', ['check', '-f', fmt, outQ], { allowFail: true });
       if (k.status !== 0) return `check exit ${k.status}: ${(k.stdout + k.stderr).trim().split('\n').slice(-1)[0]}`;
     }
     return null;
