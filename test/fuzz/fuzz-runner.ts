@@ -29,6 +29,7 @@ import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, rmSync, sy
 import { dirname, join } from 'node:path';
 import { chainInfo, openImage, extents, QimgError, type BlockImage, type Extent } from '../../src/index.js';
 import { checkQcow2 } from '../../src/formats/qcow2/check.js';
+import { findDriver } from '../../src/core/driver.js';
 import { infoJson, mapEntryJson, prettyJson } from '../../src/cli/output/json.js';
 import { infoHuman } from '../../src/cli/output/human.js';
 import { loadFixtures, planCase, type CaseFixture, type FixtureRef } from './mutations.js';
@@ -238,8 +239,9 @@ async function compareWithQemu(file: string, format: string | undefined, failure
 export async function runCase(seed: number): Promise<CaseResult> {
   const t0 = performance.now();
   const { fixture: fx, probe, mutated: m } = planCase(seed, loaded);
-  const format = probe ? undefined : 'qcow2';
-  const file = join(workDir, dirname(fx.rel), 'zz-fuzz-case.qcow2');
+  const fixtureFormat = fx.format ?? 'qcow2';
+  const format = probe ? undefined : fixtureFormat;
+  const file = join(workDir, dirname(fx.rel), `zz-fuzz-case.${fixtureFormat}`);
   writeFileSync(file, m.data);
 
   const failures: string[] = [];
@@ -329,7 +331,9 @@ export async function runCase(seed: number): Promise<CaseResult> {
     }
 
     await stage('check', async () => {
-      await checkQcow2(file, {
+      const check = fixtureFormat === 'qcow2' ? checkQcow2 : findDriver(fixtureFormat)?.check;
+      if (!check) return 'no check';
+      await check(file, {
         fix: 0,
         log: (line) => {
           if (typeof line !== 'string' || line.includes('\n') || INTERNAL.test(line)) {
@@ -355,7 +359,7 @@ export async function runCase(seed: number): Promise<CaseResult> {
 
   if ((failures.length || saveAll) && saveDir) {
     mkdirSync(saveDir, { recursive: true });
-    writeFileSync(join(saveDir, `fuzz-${seed}-${fx.name}.qcow2`), m.data);
+    writeFileSync(join(saveDir, `fuzz-${seed}-${fx.name.replace(/\//g, '-')}.${fixtureFormat}`), m.data);
   }
   return {
     seed,

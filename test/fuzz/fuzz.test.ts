@@ -15,6 +15,8 @@
  *   FUZZ_VERBOSE  1: print every case (fixture, mutations, outcome of each stage)
  *   FUZZ_ORACLE   1: where qimg reads a case, compare all it reads with what
  *                 `qemu-img convert -O raw` makes of the same image (slower)
+ *   FUZZ_FAMILY   qcow2 (default) or foreign: the other formats' fixtures
+ *                 (fixtures/foreign/*), mutated format-blind
  * It prints `fuzz: N cases, F failures (...)` and the failures with their seeds.
  */
 import { createHash } from 'node:crypto';
@@ -37,6 +39,10 @@ const long = env.FUZZ_LONG === '1' || !!env.FUZZ_CASES || !!env.FUZZ_SECONDS || 
 /** Master seed and size of the CI run (20-30 s on a 2-core machine, two children). */
 const CI_SEED = 20240601;
 const CI_CASES = 3000;
+/** The other formats' run in CI (VMDK, VDI, VHD, VHDX, QED, qcow, parallels, dmg, ...). */
+const CI_FOREIGN_SEED = 20261204;
+const CI_FOREIGN_CASES = 1500;
+const family = env.FUZZ_FAMILY === 'foreign' ? 'foreign' : 'qcow2';
 
 /**
  * Case seeds of the bugs the fuzzer found; they run before the seeded cases, with the
@@ -296,6 +302,7 @@ describe('mutation fuzzer', () => {
       const r = await fuzzAndReport(
         {
           ...common,
+          family,
           masterSeed,
           cases,
           seconds,
@@ -308,6 +315,18 @@ describe('mutation fuzzer', () => {
       );
       expect(fixtureHashes(), 'a fixture file changed').toEqual(before);
       expect(r.cases).toBeGreaterThan(0);
+      expect(r.failures, r.report).toBe(0);
+    },
+    timeout,
+  );
+
+  it.skipIf(long)(
+    `${CI_FOREIGN_CASES} seeded cases over the other formats' fixtures end in a clean error or clean reads`,
+    async () => {
+      const before = fixtureHashes(join(IMAGES_DIR, '..', 'foreign'));
+      const r = await fuzzAndReport({ ...common, family: 'foreign', masterSeed: CI_FOREIGN_SEED, cases: CI_FOREIGN_CASES }, false);
+      expect(fixtureHashes(join(IMAGES_DIR, '..', 'foreign')), 'a fixture file changed').toEqual(before);
+      expect(r.cases).toBe(CI_FOREIGN_CASES);
       expect(r.failures, r.report).toBe(0);
     },
     timeout,

@@ -22,6 +22,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Prng } from '../helpers/prng.js';
+import { mutateGeneric } from './generic-mutations.js';
 
 // ---------------------------------------------------------------- layout
 
@@ -950,18 +951,21 @@ export interface FixtureRef {
   rel: string;
   /** how often it is picked, relative to the others */
   weight: number;
+  /** the image format (qcow2 when absent: structure-aware mutations) */
+  format?: string;
 }
 
 export interface CaseFixture extends FixtureRef {
   data: Buffer;
-  layout: Layout;
+  /** qcow2 only: where its structures are */
+  layout?: Layout;
 }
 
-/** The fixtures' bytes and layouts. */
+/** The fixtures' bytes and (for qcow2) layouts. */
 export function loadFixtures(root: string, refs: FixtureRef[]): CaseFixture[] {
   return refs.map((ref) => {
     const data = readFileSync(join(root, ref.rel));
-    return { ...ref, data, layout: parseLayout(data) };
+    return { ...ref, data, layout: (ref.format ?? 'qcow2') === 'qcow2' ? parseLayout(data) : undefined };
   });
 }
 
@@ -979,5 +983,6 @@ export function planCase(seed: number, fixtures: CaseFixture[]): PlannedCase {
   fixtures.forEach((f, i) => (weights[String(i)] = f.weight));
   const fixture = fixtures[Number(r.weighted(weights))];
   const probe = r.chance(0.15);
-  return { fixture, probe, mutated: mutate(fixture.data, fixture.layout, r) };
+  const mutated = fixture.layout ? mutate(fixture.data, fixture.layout, r) : mutateGeneric(fixture.data, r);
+  return { fixture, probe, mutated };
 }

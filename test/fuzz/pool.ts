@@ -7,17 +7,19 @@
  * with its seed.
  */
 import { fork, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { build } from 'esbuild';
 import { ROOT } from '../helpers/qemu.js';
-import { IMAGES_DIR, fixturePath, loadManifest } from '../helpers/fixtures.js';
+import { FIXTURES_DIR, IMAGES_DIR, fixturePath, loadManifest } from '../helpers/fixtures.js';
 import type { CaseResult, InitMessage } from './fuzz-runner.js';
 import { loadFixtures, planCase, type CaseFixture, type FixtureRef } from './mutations.js';
 
 export interface FuzzOptions {
   masterSeed: number;
+  /** which fixtures: the qcow2 corpus (default) or the other formats' */
+  family?: 'qcow2' | 'foreign';
   /** cases derived from masterSeed (0, 1, 2, ...) */
   cases: number;
   /** stop starting new cases after this many seconds */
@@ -104,6 +106,31 @@ export function fuzzFixtures(): FixtureRef[] {
     .map((f) => ({ name: f.name, rel: fixturePath(f), weight: fixtureWeight(f.features) }));
 }
 
+const FOREIGN_DIR = join(FIXTURES_DIR, 'foreign');
+
+/** The fixture tree a family's paths are relative to. */
+function familyRoot(opts: FuzzOptions): string {
+  return opts.family === 'foreign' ? FOREIGN_DIR : IMAGES_DIR;
+}
+
+/** The other formats' fixtures (fixtures/foreign/FORMAT/manifest.json), paths relative to fixtures/foreign. */
+export function foreignFuzzFixtures(): FixtureRef[] {
+  const out: FixtureRef[] = [];
+  if (!existsSync(FOREIGN_DIR)) return out;
+  for (const fmt of readdirSync(FOREIGN_DIR).sort()) {
+    const manifest = join(FOREIGN_DIR, fmt, 'manifest.json');
+    if (!existsSync(manifest)) continue;
+    const entries = JSON.parse(readFileSync(manifest, 'utf8')) as Array<{ name: string; file: string; format: string }>;
+    for (const e of entries) {
+      const rel = join(fmt, e.file);
+      // gzipped (large) fixtures are too big to mutate usefully
+      if (rel.endsWith('.gz') || statSync(join(FOREIGN_DIR, rel)).size > 8 * 1024 * 1024) continue;
+      out.push({ name: `${fmt}/${e.name}`, rel, weight: 1, format: e.format });
+    }
+  }
+  return out;
+}
+
 /** Fixtures with more structure to break come up more often; cluster-2m (16 MiB) less. */
 function fixtureWeight(features: string[]): number {
   if (features.includes('cluster-2m')) return 0.25;
@@ -156,7 +183,7 @@ async function startChild(bundle: string, fixtures: FixtureRef[], opts: FuzzOpti
   proc.on('exit', (code, signal) => push({ type: 'exit', code, signal }));
   // Sending to a child that just died: its exit is reported as a message already.
   proc.on('error', () => undefined);
-  const init: InitMessage = { type: 'init', root: IMAGES_DIR, work: join(dir, 'images'), fixtures, saveDir: opts.saveDir, saveAll: opts.saveAll, oracle: opts.oracle };
+  const init: InitMessage = { type: 'init', root: familyRoot(opts), work: join(dir, 'images'), fixtures, saveDir: opts.saveDir, saveAll: opts.saveAll, oracle: opts.oracle };
   proc.send(init);
   const first = await child.next();
   if (first.type !== 'ready') throw new Error(`fuzz runner did not start: ${JSON.stringify(first)} ${child.stderr}`);
@@ -203,7 +230,8 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzSummary> {
 
 async function runWith(bundle: string, opts: FuzzOptions): Promise<FuzzSummary> {
   const t0 = Date.now();
-  const fixtures = fuzzFixtures();
+  const fixtures = opts.family === 'foreign' ? foreignFuzzFixtures() : fuzzFixtures();
+  if (fixtures.length === 0) throw new Error(`no fixtures for the ${opts.family ?? 'qcow2'} fuzzer`);
   const jobs = opts.jobs ?? Math.max(1, Math.min(2, availableParallelism()));
   const timeoutMs = opts.timeoutMs ?? 15_000;
   const seeds = [...(opts.seeds ?? [])];
@@ -256,7 +284,7 @@ async function runWith(bundle: string, opts: FuzzOptions): Promise<FuzzSummary> 
           else {
             summary.cases++;
             // The child is gone: describe (and keep) the case from its seed here.
-            planned ??= loadFixtures(IMAGES_DIR, fixtures);
+            planned ??= loadFixtures(familyRoot(opts), fixtures);
             const p = planCase(seed, planned);
             if (opts.saveDir) {
               mkdirSync(opts.saveDir, { recursive: true });
