@@ -2,6 +2,8 @@
 import { registerDriver } from '../core/driver.js';
 import { qcow2Driver } from './qcow2/driver.js';
 import { rawDriver } from './raw/driver.js';
+import { qcow1Driver } from './qcow1/driver.js';
+import { qedDriver } from './qed/driver.js';
 
 let done = false;
 
@@ -9,5 +11,7 @@ export function registerFormats(): void {
   if (done) return;
   done = true;
   registerDriver(qcow2Driver);
+  registerDriver(qcow1Driver);
+  registerDriver(qedDriver);
   registerDriver(rawDriver);
 }
