@@ -3,6 +3,8 @@ import { registerDriver } from '../core/driver.js';
 import { qcow2Driver } from './qcow2/driver.js';
 import { rawDriver } from './raw/driver.js';
 import { ovaDriver } from './ova/driver.js';
+import { qcow1Driver } from './qcow1/driver.js';
+import { qedDriver } from './qed/driver.js';
 
 let done = false;
 
@@ -10,6 +12,8 @@ export function registerFormats(): void {
   if (done) return;
   done = true;
   registerDriver(qcow2Driver);
+  registerDriver(qcow1Driver);
+  registerDriver(qedDriver);
   registerDriver(ovaDriver);
   registerDriver(rawDriver);
 }

@@ -76,8 +76,8 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
     base = null;
     const drop = opts.drop || opts.base !== undefined;
     if (!drop) {
-      if (!top.makeEmpty) throw new QimgError(`Could not empty '${filename}': operation not supported for this format`);
-      await top.makeEmpty();
+      // qemu-img ignores formats that cannot be emptied (ENOTSUP): their data stays.
+      if (top.makeEmpty) await top.makeEmpty();
     }
   } finally {
     if (base) await base.close().catch(() => undefined);

@@ -63,7 +63,8 @@ export interface Qcow2Header {
 export function probeQcow2(head: Buffer): number {
   if (head.length < 8) return 0;
   if (head.readUInt32BE(0) !== C.QCOW2_MAGIC) return 0;
-  return head.readUInt32BE(4) >= 1 ? 100 : 0;
+  // version 1 is qcow (its own driver), as in qemu
+  return head.readUInt32BE(4) >= 2 ? 100 : 0;
 }
 
 /** A name stored in the image: qemu uses it as a C string, so it ends at the first NUL. */
