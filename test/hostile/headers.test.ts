@@ -71,10 +71,9 @@ const cases: Case[] = [
   { name: 'magic changed: probed as raw', mutate: (f) => setU32(f, H.magic, 0x12345678), expect: opens, then: rawInfo },
   { name: 'magic changed, -f qcow2', format: 'qcow2', mutate: (f) => setU32(f, H.magic, 0x12345678), expect: fails('Image is not in qcow2 format') },
   {
-    name: 'version 1 (qcow v1): refused, never probed as raw',
+    name: 'version 1: probed as qcow v1, whose header this is not (as qemu)',
     mutate: (f) => setU32(f, H.version, 1),
-    // qemu hands it to its qcow v1 driver: "Cluster size must be between 512 and 64k"
-    expect: fails('Unsupported qcow2 version 1'),
+    expect: fails('Cluster size must be between 512 and 64k'),
   },
   { name: 'version 0: not qcow at all, probed as raw', mutate: (f) => setU32(f, H.version, 0), expect: opens, then: rawInfo },
   { name: 'version 4', mutate: (f) => setU32(f, H.version, 4), expect: fails('Unsupported qcow2 version 4') },
