@@ -35,6 +35,11 @@ export interface OpenOptions {
   shareBacking?: boolean;
   /** format of the backing file when the image does not record one */
   backingFormat?: string;
+  /**
+   * open for a consistency check (qemu's BDRV_O_CHECK): problems the format's check
+   * reports (and may repair) do not fail the open
+   */
+  check?: boolean;
 }
 
 /** State shared by every image opened for one chain. */
