@@ -37,6 +37,11 @@ export interface OpenOptions {
   backingFormat?: string;
   /** format of an archive member opened by name (`-f` given with `x.ova/disk.vmdk`) */
   memberFormat?: string;
+  /**
+   * open for a consistency check (qemu's BDRV_O_CHECK): problems the format's check
+   * reports (and may repair) do not fail the open
+   */
+  check?: boolean;
 }
 
 /** State shared by every image opened for one chain. */

@@ -5,6 +5,7 @@ import { rawDriver } from './raw/driver.js';
 import { ovaDriver } from './ova/driver.js';
 import { qcow1Driver } from './qcow1/driver.js';
 import { qedDriver } from './qed/driver.js';
+import { vhdxDriver } from './vhdx/driver.js';
 
 let done = false;
 
@@ -15,5 +16,6 @@ export function registerFormats(): void {
   registerDriver(qcow1Driver);
   registerDriver(qedDriver);
   registerDriver(ovaDriver);
+  registerDriver(vhdxDriver);
   registerDriver(rawDriver);
 }

@@ -37,7 +37,7 @@ export const EXIT_NO_CHECK = 63;
  * the file itself.
  */
 export async function checkImage(filename: string, opts: CheckOptions): Promise<ImageCheck> {
-  const img = await openImage(filename, { format: opts.format, forceShare: opts.forceShare });
+  const img = await openImage(filename, { format: opts.format, forceShare: opts.forceShare, check: true });
   const format = img.format;
   await img.close();
   const driver = findDriver(format);
