@@ -3,6 +3,9 @@ import { registerDriver } from '../core/driver.js';
 import { qcow2Driver } from './qcow2/driver.js';
 import { rawDriver } from './raw/driver.js';
 import { parallelsDriver } from './parallels/driver.js';
+import { dmgDriver } from './dmg/driver.js';
+import { bochsDriver } from './bochs/driver.js';
+import { cloopDriver } from './cloop/driver.js';
 
 let done = false;
 
@@ -11,5 +14,8 @@ export function registerFormats(): void {
   done = true;
   registerDriver(qcow2Driver);
   registerDriver(parallelsDriver);
+  registerDriver(dmgDriver);
+  registerDriver(bochsDriver);
+  registerDriver(cloopDriver);
   registerDriver(rawDriver);
 }
