@@ -151,7 +151,9 @@ async function openBochs(file: HostFile, writable: boolean): Promise<BlockImage>
   }
   // with at most 1M extents of at most 8 MiB the disk stays below 2^43 bytes
   const virtualSize = Number(totalSectors) * SECTOR;
-  return new BochsImage(file, name, virtualSize, catalog, headerSize + catalogSize * 4, extent, bitmapBlocks, extentBlocks);
+  // qemu keeps the data offset in 32 bits (it wraps)
+  const dataOffset = (headerSize + catalogSize * 4) >>> 0;
+  return new BochsImage(file, name, virtualSize, catalog, dataOffset, extent, bitmapBlocks, extentBlocks);
 }
 
 export const bochsDriver: FormatDriver = {

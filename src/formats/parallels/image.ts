@@ -22,6 +22,9 @@ import { validateFormatExtension } from './ext.js';
 /** Largest single host request. */
 const MAX_IO = 4 * 1024 * 1024;
 
+/** qemu's BDRV_REQUEST_MAX_BYTES */
+const MAX_REQUEST = 0x7ffffe00;
+
 /** What open found, shared with `check`. */
 export interface ParallelsState {
   header: ParallelsHeader;
@@ -36,6 +39,8 @@ export interface ParallelsState {
 /** Reads header and BAT with qemu's checks (shared by open and check). */
 export async function loadState(file: HostFile, name: string): Promise<ParallelsState> {
   const header = parseHeader(await file.readBytes(0, HEADER_SIZE), name);
+  // qemu reads header and BAT in one request, which its block layer caps below 2 GiB
+  if (batEntryOffset(header.batEntries) > MAX_REQUEST) throw new CorruptImageError(name, 'Input/output error');
   const bat = await Bat.read(file, header.batEntries);
   const offMultiplier = header.ext ? header.tracks : 1;
   let dataEnd = header.dataOff;
