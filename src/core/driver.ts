@@ -44,8 +44,11 @@ export interface FormatDriver {
    * (fixed order, numbers normalised, strings as given).
    */
   describeCreate(size: bigint, options: ParsedOptions): string;
-  /** Validates options (qemu-img's messages) and creates the image; size in bytes. */
-  create(path: string, size: number, options: Map<string, OptionValue>): Promise<void>;
+  /**
+   * Validates options (qemu-img's messages) and creates the image; size in bytes.
+   * Absent: the format is read-only ("Format driver 'X' does not support image creation").
+   */
+  create?(path: string, size: number, options: Map<string, OptionValue>): Promise<void>;
   /**
    * qemu-img check for this format, run on the file by name (the image is not open);
    * absent: "This image format does not support checks" (exit 63).
@@ -62,6 +65,11 @@ export interface FormatDriver {
   readonly noProbe?: boolean;
   /** an archive of images (OVA): `ARCHIVE/MEMBER` names open one of its disks */
   readonly archive?: boolean;
+}
+
+/** qemu-img's refusal for a format that cannot be created (create, convert, measure). */
+export function creationRefusal(driver: FormatDriver): string | undefined {
+  return driver.create ? undefined : `Format driver '${driver.name}' does not support image creation`;
 }
 
 const drivers: FormatDriver[] = [];

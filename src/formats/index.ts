@@ -6,6 +6,10 @@ import { ovaDriver } from './ova/driver.js';
 import { qcow1Driver } from './qcow1/driver.js';
 import { qedDriver } from './qed/driver.js';
 import { vhdxDriver } from './vhdx/driver.js';
+import { parallelsDriver } from './parallels/driver.js';
+import { dmgDriver } from './dmg/driver.js';
+import { bochsDriver } from './bochs/driver.js';
+import { cloopDriver } from './cloop/driver.js';
 
 let done = false;
 
@@ -17,5 +21,9 @@ export function registerFormats(): void {
   registerDriver(qedDriver);
   registerDriver(ovaDriver);
   registerDriver(vhdxDriver);
+  registerDriver(parallelsDriver);
+  registerDriver(dmgDriver);
+  registerDriver(bochsDriver);
+  registerDriver(cloopDriver);
   registerDriver(rawDriver);
 }

@@ -4,7 +4,7 @@
  * driver creates the image. Two phases so that the CLI can print qemu-img's
  * "Formatting" line between option parsing and the driver's own validation.
  */
-import { findDriver, type FormatDriver } from '../core/driver.js';
+import { creationRefusal, findDriver, type FormatDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
 import { openImage, resolveRelative } from '../core/open.js';
 import { parseOptions, type ParsedOptions } from '../core/options.js';
@@ -34,6 +34,8 @@ export interface PreparedCreate {
 export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate | 'help'> {
   const driver = findDriver(req.format);
   if (!driver) throw new QimgError(`Unknown file format '${req.format}'`);
+  const refusal = creationRefusal(driver);
+  if (refusal) throw new QimgError(refusal, { file: req.filename || undefined });
   const strings = [...req.optionStrings];
   const options = parseOptions(strings, driver.createOptions);
   if (options.help) return 'help';
@@ -94,7 +96,7 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
         throw new QimgError(`The image size is too large for file format '${driver.name}'${hint}`, { file });
       }
       try {
-        await driver.create(file, Number(rounded), options.values);
+        await driver.create!(file, Number(rounded), options.values);
       } catch (err) {
         throw err instanceof QimgError && err.file === undefined ? new QimgError(err.message, { file, cause: err }) : err;
       }

@@ -6,7 +6,7 @@
  */
 import type { BlockImage } from '../core/block-image.js';
 import { extentAt } from '../core/block-status.js';
-import { findDriver } from '../core/driver.js';
+import { creationRefusal, findDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
 import { parseOptions } from '../core/options.js';
 import type { OptionValue } from '../core/options.js';
@@ -103,6 +103,8 @@ const MAX_L1_BYTES = 32 * 1024 * 1024;
 export async function measure(opts: { format: string; optionStrings: string[]; size?: bigint; source?: BlockImage }): Promise<MeasureResult | 'help'> {
   const driver = findDriver(opts.format);
   if (!driver) throw new QimgError(`Unknown file format '${opts.format}'`);
+  const refusal = creationRefusal(driver);
+  if (refusal) throw new QimgError(refusal, { file: '' });
   const parsed = parseOptions(opts.optionStrings, driver.createOptions);
   if (parsed.help) return 'help';
   const src = opts.source;

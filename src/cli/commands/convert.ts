@@ -7,7 +7,7 @@ import { QimgError } from '../../core/errors.js';
 import { cvtnum } from '../../core/size.js';
 import { convert } from '../../ops/convert.js';
 import { parseSnapshotParam } from '../../ops/snapshot-param.js';
-import { findDriver } from '../../core/driver.js';
+import { creationRefusal, findDriver } from '../../core/driver.js';
 import { formatOptionHelp, parseOptions } from '../../core/options.js';
 import { UsageError, warn } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
@@ -87,6 +87,8 @@ export function registerConvert(program: Command, run: (file: string | undefined
         for (const w of parsed.warnings) warn(w);
         if (files.length < 2) throw new UsageError('Must specify image file name');
         const create = opts.create !== false;
+        const refusal = creationRefusal(driver);
+        if (create && refusal) throw new UsageError(refusal);
         if (!create && opts.targetFormatOptions.length > 0) throw new UsageError('-o has no effect when skipping image creation');
         if (opts.targetIsZero && create) throw new UsageError('--target-is-zero requires use of -n flag');
         const backing = opts.backing ?? opts.B;
