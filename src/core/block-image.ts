@@ -20,6 +20,11 @@ export interface LayerStatus {
   file?: string;
   /** stored compressed */
   compressed?: boolean;
+  /**
+   * reported as data (qemu's status for formats without block status) but known from
+   * metadata to read as zeros: copies skip reading it, `map` still shows qemu's ranges
+   */
+  readsAsZero?: boolean;
 }
 
 export type ExtentKind = 'data' | 'zero' | 'unallocated';
@@ -41,6 +46,8 @@ export interface Extent {
   compressed: boolean;
   hostOffset?: number;
   file?: string;
+  /** a data range the layer knows reads as zeros (LayerStatus.readsAsZero) */
+  knownZero?: boolean;
 }
 
 /** Data `info` reports, shaped as qemu-img's ImageInfo (field names mapped by the CLI). */

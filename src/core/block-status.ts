@@ -26,6 +26,7 @@ export async function extentAt(top: BlockImage, offset: number, length: number):
         compressed: !!st.compressed,
         hostOffset: st.hostOffset,
         file: st.file,
+        knownZero: st.data && st.readsAsZero ? true : undefined,
       };
     }
     const below = img.backing;
@@ -55,7 +56,7 @@ export async function extentAt(top: BlockImage, offset: number, length: number):
 export function mergeable(a: Extent, b: Extent): boolean {
   if (a.offset + a.length !== b.offset) return false;
   if (a.depth !== b.depth || a.present !== b.present || a.data !== b.data || a.zero !== b.zero) return false;
-  if (a.compressed !== b.compressed) return false;
+  if (a.compressed !== b.compressed || !!a.knownZero !== !!b.knownZero) return false;
   if ((a.hostOffset === undefined) !== (b.hostOffset === undefined)) return false;
   if (a.hostOffset !== undefined && a.hostOffset + a.length !== b.hostOffset) return false;
   return a.file === b.file;

@@ -57,7 +57,7 @@ async function topLayerExtent(img: BlockImage, offset: number, length: number): 
   return {
     offset,
     length: n,
-    kind: readsZero ? 'zero' : !allocated ? 'unallocated' : st.zero ? 'zero' : 'data',
+    kind: readsZero || (st.data && st.readsAsZero) ? 'zero' : !allocated ? 'unallocated' : st.zero ? 'zero' : 'data',
     depth: 0,
     present: allocated,
     data: st.data,
@@ -78,7 +78,7 @@ async function* workItems(sources: BlockImage[], opts: CopyOptions): AsyncGenera
     while (pos < size) {
       const e = opts.topOnly ? await topLayerExtent(src, pos, size - pos) : await extentAt(src, pos, size - pos);
       const end = e.offset + e.length;
-      if (e.kind === 'data' && (opts.aboveDepth === undefined || e.depth < opts.aboveDepth)) {
+      if (e.kind === 'data' && !e.knownZero && (opts.aboveDepth === undefined || e.depth < opts.aboveDepth)) {
         const start = Math.max(dataEnd, Math.floor((base + e.offset) / unit) * unit - base);
         const stop = Math.min(size, Math.ceil((base + end) / unit) * unit - base);
         if (pending) {

@@ -1,10 +1,21 @@
 /** `map`: the allocation of every guest range through the backing chain. */
 import type { BlockImage, Extent } from '../core/block-image.js';
-import { extents } from '../core/block-status.js';
+import { extents, mergeable } from '../core/block-status.js';
 
 export async function* mapImage(img: BlockImage, start = 0, length?: number): AsyncGenerator<Extent> {
   const end = length === undefined ? img.virtualSize : Math.min(img.virtualSize, start + length);
-  yield* extents(img, start, end);
+  // qemu-img does not know which of a format's "data" reads as zeros: merge as it does
+  let cur: Extent | null = null;
+  for await (const e of extents(img, start, end)) {
+    const plain = { ...e, knownZero: undefined };
+    if (cur && mergeable(cur, plain)) {
+      cur.length += e.length;
+      continue;
+    }
+    if (cur) yield cur;
+    cur = plain;
+  }
+  if (cur) yield cur;
 }
 
 /** The name of each chain level, for the human output's "File" column. */

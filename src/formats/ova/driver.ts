@@ -192,5 +192,4 @@ export const ovaDriver: FormatDriver = {
   createOptions: [],
   describeCreate: () => '',
   open: openOva,
-  create: () => Promise.reject(new QimgError("Format driver 'ova' does not support image creation")),
 };

@@ -224,12 +224,17 @@ export class VhdxImage implements BlockImage {
   async layerStatus(offset: number, length: number): Promise<LayerStatus> {
     const g = this.meta.g;
     const max = Math.min(length, g.virtualSize - offset);
-    // qemu's vhdx driver has no block status: every range is data, without an offset
-    if (!this.differencing) return { length: max, data: true, zero: false };
     const block = Math.floor(offset / g.blockSize);
     const inBlock = offset - block * g.blockSize;
     const first = this.blockEntry(block);
     const src = this.sourceOf(first.state);
+    if (!this.differencing) {
+      // qemu's vhdx driver has no block status: every range is data, without an
+      // offset; blocks that hold none are marked so that copies skip reading them
+      let len = Math.min(max, g.blockSize - inBlock);
+      for (let b = block + 1; len < max && this.sourceOf(this.blockEntry(b).state) === src; b++) len = Math.min(max, len + g.blockSize);
+      return { length: len, data: true, zero: false, readsAsZero: src === 'zero' ? true : undefined };
+    }
     const status = (s: Source | 'bitmap', host: number, len: number): LayerStatus => {
       if (s === 'data') return { length: len, data: true, zero: false, hostOffset: host, file: this.filename };
       if (s === 'zero') return { length: len, data: false, zero: true };
