@@ -103,8 +103,8 @@ async function readDynamic(
   differencing: boolean,
   bad: (msg: string) => Error,
 ): Promise<DynamicLayout> {
-  // past the end the header reads as zeros (as qemu's pread): no magic
-  const inFile = dataOffset + BigInt(DYN_HEADER_SIZE) <= BigInt(file.size);
+  // past the end of the file the header reads as zeros (as qemu's pread)
+  const inFile = dataOffset < BigInt(file.size);
   const headerOffset = inFile ? Number(dataOffset) : 0;
   const buf = inFile ? await file.readBytes(headerOffset, DYN_HEADER_SIZE) : Buffer.alloc(DYN_HEADER_SIZE);
   if (!hasCookie(buf, DYN_COOKIE)) throw bad('Invalid header magic');
