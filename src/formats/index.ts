@@ -10,6 +10,7 @@ import { parallelsDriver } from './parallels/driver.js';
 import { dmgDriver } from './dmg/driver.js';
 import { bochsDriver } from './bochs/driver.js';
 import { cloopDriver } from './cloop/driver.js';
+import { vpcDriver } from './vpc/driver.js';
 
 let done = false;
 
@@ -25,5 +26,6 @@ export function registerFormats(): void {
   registerDriver(dmgDriver);
   registerDriver(bochsDriver);
   registerDriver(cloopDriver);
+  registerDriver(vpcDriver);
   registerDriver(rawDriver);
 }
