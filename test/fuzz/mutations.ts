@@ -20,6 +20,7 @@
  * earlier ones, so a case is reproduced from its seed alone.
  */
 import { readFileSync } from 'node:fs';
+import { gunzipSync } from 'node:zlib';
 import { join } from 'node:path';
 import { Prng } from '../helpers/prng.js';
 import { mutateGeneric } from './generic-mutations.js';
@@ -964,7 +965,8 @@ export interface CaseFixture extends FixtureRef {
 /** The fixtures' bytes and (for qcow2) layouts. */
 export function loadFixtures(root: string, refs: FixtureRef[]): CaseFixture[] {
   return refs.map((ref) => {
-    const data = readFileSync(join(root, ref.rel));
+    const raw = readFileSync(join(root, ref.rel));
+    const data = ref.rel.endsWith('.gz') ? gunzipSync(raw) : raw;
     return { ...ref, data, layout: (ref.format ?? 'qcow2') === 'qcow2' ? parseLayout(data) : undefined };
   });
 }
