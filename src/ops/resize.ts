@@ -34,7 +34,8 @@ export async function resizeImage(
   if (!['off', 'metadata', 'falloc', 'full'].includes(mode)) throw new QimgError(`Invalid preallocation mode '${mode}'`);
   const img = await openImage(filename, { format, writable: true });
   try {
-    if (!img.resize) throw new QimgError(`Image format '${img.format}' does not support resizing`, { file: filename });
+    // qemu-img's wording, without a file name
+    if (!img.resize) throw new QimgError('Image format driver does not support resize', { file: '' });
     const size = resolveNewSize(sizeText, img.virtualSize);
     if (size < img.virtualSize) {
       // qemu-img (7.2 and later) prints the data-loss warning together with this error,
