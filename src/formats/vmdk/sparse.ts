@@ -11,7 +11,8 @@ import { CorruptImageError, QimgError } from '../../core/errors.js';
 import type { HostFile } from '../../io/host.js';
 import { GTE_ZEROED, MAX_EXTENT_SECTORS, SECTOR } from './constants.js';
 
-const inflateAsync = promisify(inflate) as (buf: Buffer, opts: { maxOutputLength: number }) => Promise<Buffer>;
+// one output chunk per grain: the default 16 KiB chunks cost a thread-pool round trip each
+const inflateAsync = promisify(inflate) as (buf: Buffer, opts: { maxOutputLength: number; chunkSize: number }) => Promise<Buffer>;
 
 export type GrainKind = 'unalloc' | 'zero' | 'data' | 'compressed' | 'error';
 
@@ -229,7 +230,7 @@ export class SparseExtent {
     const input = at + size <= span.length ? span.subarray(at, at + size) : await this.file.readBytes(spanStart + at, size);
     let plain: Buffer;
     try {
-      plain = await inflateAsync(input, { maxOutputLength: this.grainSize });
+      plain = await inflateAsync(input, { maxOutputLength: this.grainSize, chunkSize: Math.max(this.grainSize, 1024) });
     } catch {
       throw new CorruptImageError(this.filename, `Invalid compressed grain at offset ${item.host}`);
     }

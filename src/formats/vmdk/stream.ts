@@ -16,7 +16,7 @@ import { FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, MARKER_FOOTER, MARKER_GRAIN
 import { metadataMarker, serializeVmdk4Header, type Vmdk4Header } from './header.js';
 import type { SparseExtentRef } from './open.js';
 
-const deflateAsync = promisify(deflate) as (buf: Buffer) => Promise<Buffer>;
+const deflateAsync = promisify(deflate) as (buf: Buffer, opts: { chunkSize: number }) => Promise<Buffer>;
 
 /** Bytes of grains waiting for compression or writing before write() waits. */
 const MAX_QUEUED = 32 * 1024 * 1024;
@@ -129,7 +129,8 @@ export class StreamWriter {
     this.modified = true;
     this.inflight.set(grain, plain);
     this.queued += plain.length;
-    const task = deflateAsync(plain);
+    // one output chunk for the whole grain (each chunk is a thread-pool round trip)
+    const task = deflateAsync(plain, { chunkSize: plain.length + 1024 });
     task.catch(() => undefined);
     const lba = (this.ext.start + grain * this.grainSize) / SECTOR;
     this.chain = this.chain.then(async () => {
