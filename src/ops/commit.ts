@@ -75,10 +75,8 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
     await base.close();
     base = null;
     const drop = opts.drop || opts.base !== undefined;
-    if (!drop) {
-      if (!top.makeEmpty) throw new QimgError(`Could not empty '${filename}': operation not supported for this format`);
-      await top.makeEmpty();
-    }
+    // qemu-img leaves the top as it is when its format cannot be emptied (vmdk)
+    if (!drop && top.makeEmpty) await top.makeEmpty();
   } finally {
     if (base) await base.close().catch(() => undefined);
     await top.close();
