@@ -247,3 +247,18 @@ describe.skipIf(!enabled)('vmdk check', () => {
     }
   });
 });
+
+describe.skipIf(!enabled)('vmdk fixtures (fixtures/foreign/vmdk) read as qemu-img reads them', () => {
+  const dir = join(__dirname, '..', '..', 'fixtures', 'foreign', 'vmdk');
+  const manifest = JSON.parse(readFileSync(join(dir, 'manifest.json'), 'utf8')) as Array<{ name: string; file: string }>;
+  for (const f of manifest) {
+    it(f.name, () => {
+      ok(qemuImg(['convert', '-U', '-O', 'raw', f.file, P(`fx-${f.name}.q`)], dir));
+      ok(qimg(['convert', '-U', '-O', 'raw', f.file, P(`fx-${f.name}.m`)], { cwd: dir }));
+      expect(sameBytes(`fx-${f.name}.q`, `fx-${f.name}.m`)).toBe(true);
+      const norm = (s: string) => s.replace(/"actual-size": \d+,?/g, '');
+      expect(norm(ok(qimg(['info', '-U', '--backing-chain', '--output=json', f.file], { cwd: dir })).stdout)).toBe(norm(ok(qemuImg(['info', '-U', '--backing-chain', '--output=json', f.file], dir)).stdout));
+      expect(mapJson(ok(qimg(['map', '-U', '--output=json', f.file], { cwd: dir })).stdout)).toEqual(mapJson(ok(qemuImg(['map', '-U', '--output=json', f.file], dir)).stdout));
+    });
+  }
+});
