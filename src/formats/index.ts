@@ -11,6 +11,7 @@ import { dmgDriver } from './dmg/driver.js';
 import { bochsDriver } from './bochs/driver.js';
 import { cloopDriver } from './cloop/driver.js';
 import { vpcDriver } from './vpc/driver.js';
+import { vmdkDriver } from './vmdk/driver.js';
 
 let done = false;
 
@@ -27,5 +28,6 @@ export function registerFormats(): void {
   registerDriver(bochsDriver);
   registerDriver(cloopDriver);
   registerDriver(vpcDriver);
+  registerDriver(vmdkDriver);
   registerDriver(rawDriver);
 }

@@ -75,10 +75,8 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
     await base.close();
     base = null;
     const drop = opts.drop || opts.base !== undefined;
-    if (!drop) {
-      // qemu-img ignores formats that cannot be emptied (ENOTSUP): their data stays.
-      if (top.makeEmpty) await top.makeEmpty();
-    }
+    // qemu-img leaves the top as it is when its format cannot be emptied (ENOTSUP: vmdk, qed)
+    if (!drop && top.makeEmpty) await top.makeEmpty();
   } finally {
     if (base) await base.close().catch(() => undefined);
     await top.close();
