@@ -39,6 +39,8 @@ export class VdiImage implements BlockImage {
   private readonly lock = new Mutex();
   /** highest block index the map uses (found on the first allocation) */
   private highestUsed: number | undefined;
+  /** block map sectors changed in memory and not yet written */
+  private dirty: { first: number; last: number } | null = null;
 
   constructor(
     readonly file: HostFile,
@@ -169,18 +171,28 @@ export class VdiImage implements BlockImage {
     if (fresh.length === 0) return;
 
     // The data is in place; now the count, then the entries that point at it.
-    await this.sync();
+    for (const [block, entry] of fresh) this.bmap.writeUInt32LE(entry, block * 4);
     h.blocksAllocated = next;
+    this.highestUsed = next - 1;
     this.headerBytes.writeUInt32LE(next, F.blocksAllocated);
+    const perSector = SECTOR_SIZE / 4;
+    const first = Math.floor(fresh[0][0] / perSector);
+    const last = Math.floor(fresh[fresh.length - 1][0] / perSector);
+    this.dirty = this.dirty ? { first: Math.min(first, this.dirty.first), last: Math.max(last, this.dirty.last) } : { first, last };
+    // Under cache=unsafe (convert's target) the metadata waits for flush or close.
+    if (!this.unsafeCache) await this.writeMetadata();
+  }
+
+  /** Header count, then the block map sectors changed since the last time (after the data). */
+  private async writeMetadata(): Promise<void> {
+    const d = this.dirty;
+    if (!d) return;
+    await this.sync();
     await this.file.write(this.headerBytes, 0);
     await this.sync();
-    for (const [block, entry] of fresh) this.bmap.writeUInt32LE(entry, block * 4);
-    this.highestUsed = next - 1;
-    const perSector = SECTOR_SIZE / 4;
-    const firstSector = Math.floor(fresh[0][0] / perSector);
-    const lastSector = Math.floor(fresh[fresh.length - 1][0] / perSector);
-    const bytes = this.bmap.subarray(firstSector * SECTOR_SIZE, (lastSector + 1) * SECTOR_SIZE);
-    await this.file.write(bytes, h.offsetBmap + firstSector * SECTOR_SIZE);
+    const bytes = this.bmap.subarray(d.first * SECTOR_SIZE, (d.last + 1) * SECTOR_SIZE);
+    await this.file.write(bytes, this.header.offsetBmap + d.first * SECTOR_SIZE);
+    this.dirty = null;
   }
 
   /**
@@ -241,14 +253,21 @@ export class VdiImage implements BlockImage {
   }
 
   async flush(): Promise<void> {
-    if (this.file.writable) await this.lock.run(() => this.file.flush());
+    if (!this.file.writable) return;
+    await this.lock.run(async () => {
+      await this.writeMetadata();
+      await this.file.flush();
+    });
   }
 
   async close(): Promise<void> {
     let failure: unknown;
     if (this.file.writable) {
       try {
-        await this.lock.run(() => this.sync());
+        await this.lock.run(async () => {
+          await this.writeMetadata();
+          await this.sync();
+        });
       } catch (err) {
         failure = err;
       }
