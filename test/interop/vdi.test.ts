@@ -221,6 +221,30 @@ describe.skipIf(!enabled)('vdi: qimg images in qemu-img', () => {
     );
   });
 
+  it('convert from vdi (zero-filled block, static source) to vdi, qcow2 and raw with -S, -n, --target-is-zero: the layout qemu-img makes', async () => {
+    Q(['convert', '-O', 'vdi', 'src.raw', 'sz.vdi']);
+    ok(qemuIo(['-c', 'write -z 7M 64k', 'sz.vdi'], d)); // allocates block 7 with zeros, as qemu does
+    Q(['create', '-q', '-f', 'vdi', '-o', 'static=on', 'ss.vdi', '9M']);
+    Q(['convert', '-n', '-O', 'vdi', 'src.raw', 'ss.vdi']); // zeros written: the whole file is data
+    const runs: Array<[string, string, string[]]> = [];
+    for (const source of ['sz.vdi', 'ss.vdi']) {
+      for (const fmt of ['vdi', 'qcow2', 'raw']) {
+        for (const flags of [['-S', '3M'], ['-n'], ['-n', '--target-is-zero']]) runs.push([source, fmt, flags]);
+      }
+    }
+    let k = 0;
+    for (const [source, fmt, flags] of runs) {
+      const [a, b] = [`x${k}-i.${fmt}`, `x${k}-q.${fmt}`];
+      k++;
+      if (flags[0] === '-n') for (const t of [a, b]) Q(['create', '-q', '-f', fmt, t, '9M']);
+      const [i, q] = await Promise.all([runQimg(['convert', ...flags, '-O', fmt, source, a], d), runAsync('qemu-img', ['convert', ...flags, '-O', fmt, source, b], d)]);
+      const what = `convert ${flags.join(' ')} ${source} -> ${fmt}: ${i.stderr}${q.stderr}`;
+      expect([i.status, q.status], what).toEqual([0, 0]);
+      expect(Q(['compare', '-f', fmt, '-F', fmt, a, b]).status, what).toBe(0);
+      expect(mapJson(Q(['map', '-f', fmt, '--output=json', a]).stdout), what).toEqual(mapJson(Q(['map', '-f', fmt, '--output=json', b]).stdout));
+    }
+  });
+
   it('qemu-io writes into an image qimg made; qimg reads what qemu reads', async () => {
     I(['create', '-q', '-f', 'vdi', 'w.vdi', '5M']);
     ok(qemuIo(['-c', 'write -P 0x5a 100k 300k', '-c', 'write -P 0x6b 3M 1M', '-c', 'write -z 4M 4k', 'w.vdi'], d));

@@ -143,7 +143,8 @@ describe('VDI writes', () => {
     const again = await open(file.data);
     const st = await again.img.layerStatus(0, 4 * MiB);
     expect(st).toMatchObject({ data: false, zero: true, length: MiB });
-    expect(await again.img.layerStatus(MiB, 3 * MiB)).toMatchObject({ data: true, hostOffset: 1024, length: 2 * MiB });
+    expect(await again.img.layerStatus(MiB, 3 * MiB)).toMatchObject({ data: true, hostOffset: 1024, length: MiB });
+    expect(await again.img.layerStatus(2 * MiB, 2 * MiB)).toMatchObject({ data: true, hostOffset: 1024 + MiB, length: MiB });
   });
 
   it('zero writes allocate, as QEMU (no zero-write support in its driver); discards change nothing', async () => {

@@ -93,8 +93,14 @@ export class VdiImage implements BlockImage {
     return { length: Math.min(end, blockEnd) - offset, host: this.header.offsetData + e * BS + (offset % BS) };
   }
 
+  /**
+   * One block at a time for allocated data, as QEMU answers: convert then reads and
+   * zero-checks each block on its own (1 MiB requests), which is what makes `-S`
+   * larger than a block skip the same all-zero blocks as qemu-img.
+   */
   async layerStatus(offset: number, length: number): Promise<LayerStatus> {
-    const run = this.runAt(offset, Math.min(length, this.virtualSize - offset));
+    const max = Math.min(length, this.virtualSize - offset);
+    const run = this.runAt(offset, isAllocated(this.entry(Math.floor(offset / BS))) ? Math.min(max, BS - (offset % BS)) : max);
     // Unallocated and discarded blocks read as zeros: QEMU reports them as zero (present).
     if (run.host === undefined) return { length: run.length, data: false, zero: true };
     const st: LayerStatus = { length: run.length, data: true, zero: false, hostOffset: run.host, file: this.filename };
