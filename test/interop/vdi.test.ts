@@ -185,6 +185,23 @@ describe.skipIf(!enabled)('vdi: create as qemu-img', () => {
     }
   });
 
+  it('what vdi cannot do is refused as qemu-img refuses it (resize, rebase, measure)', async () => {
+    Q(['create', '-q', '-f', 'vdi', 'nr-i.vdi', '4M']);
+    Q(['create', '-q', '-f', 'vdi', 'nr-q.vdi', '4M']);
+    const cmds = [
+      ['resize', 'F', '+1M'],
+      ['resize', '--shrink', 'F', '2M'],
+      ['rebase', '-u', '-b', 'x.qcow2', '-F', 'qcow2', 'F'],
+      ['rebase', '-b', '', 'F'],
+      ['measure', '-O', 'vdi', 'F'],
+    ];
+    for (const c of cmds) {
+      const [i, q] = await Promise.all([runQimg(c.map((a) => (a === 'F' ? 'nr-i.vdi' : a)), d), runAsync('qemu-img', c.map((a) => (a === 'F' ? 'nr-q.vdi' : a)), d)]);
+      expect([i.status, i.stdout, i.stderr], c.join(' ')).toEqual([q.status, q.stdout, asQimg(q.stderr).replace(/nr-q/g, 'nr-i')]);
+      expect(q.status, c.join(' ')).toBe(1);
+    }
+  });
+
   it('-o help lists what qemu-img lists', () => {
     expect(I(['create', '-f', 'vdi', '-o', 'help']).stdout).toBe(Q(['create', '-f', 'vdi', '-o', 'help']).stdout);
   });
