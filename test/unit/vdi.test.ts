@@ -164,6 +164,14 @@ describe('VDI writes', () => {
     expect(file.data.equals(before)).toBe(true);
   });
 
+  it('refuses to write through a block map entry past the last block', async () => {
+    const bytes = imageBytes(2 * MiB);
+    bytes.writeUInt32LE(0xfffffffd, 512);
+    const { img, file } = await open(bytes);
+    await expect(img.write(0, Buffer.alloc(512, 1))).rejects.toThrow('block map entry of block 0 is out of range (4294967293, 2 blocks)');
+    expect(file.size).toBe(bytes.length);
+  });
+
   it('static images write in place', async () => {
     const { img, file } = await open(imageBytes(2 * MiB, true));
     file.log = [];

@@ -158,6 +158,10 @@ export class VdiImage implements BlockImage {
       const src = data.subarray(done, done + n);
       const e = this.entry(block);
       if (isAllocated(e)) {
+        // QEMU would write wherever a damaged entry points (up to 4 PiB into the file)
+        if (e >= h.blocksInImage) {
+          throw new QimgError(`block map entry of block ${block} is out of range (${e}, ${h.blocksInImage} blocks); qemu-img check reports it`, { file: this.filename });
+        }
         pieces.push({ host: h.offsetData + e * BS + inBlock, buf: src });
       } else {
         this.checkAllocation(next);
