@@ -12,6 +12,7 @@ import { bochsDriver } from './bochs/driver.js';
 import { cloopDriver } from './cloop/driver.js';
 import { vpcDriver } from './vpc/driver.js';
 import { vmdkDriver } from './vmdk/driver.js';
+import { vdiDriver } from './vdi/driver.js';
 
 let done = false;
 
@@ -29,5 +30,6 @@ export function registerFormats(): void {
   registerDriver(cloopDriver);
   registerDriver(vpcDriver);
   registerDriver(vmdkDriver);
+  registerDriver(vdiDriver);
   registerDriver(rawDriver);
 }

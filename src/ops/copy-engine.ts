@@ -209,6 +209,16 @@ async function writeZeroBuffers(write: (o: number, d: Buffer) => Promise<void>, 
   }
 }
 
+const ZEROS = Buffer.alloc(CHUNK);
+
+function isAllZero(data: Buffer): boolean {
+  for (let i = 0; i < data.length; i += ZEROS.length) {
+    const part = data.subarray(i, Math.min(data.length, i + ZEROS.length));
+    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
+  }
+  return true;
+}
+
 /**
  * Writes `data` at `offset`, leaving out aligned zero blocks of `zeroUnit` bytes
  * (skipped when the target already reads zero, else written as zero requests).
@@ -222,6 +232,12 @@ async function writeWithZeroDetection(
   target: BlockImage,
 ): Promise<void> {
   if (!zeroUnit) return write(offset, data);
+  // As qemu-img's is_allocated_sectors: a request that is zero throughout is a zero
+  // range whatever -S says (the minimum applies to zero runs between data).
+  if (isAllZero(data)) {
+    if (!targetIsZero) await target.writeZeroes(offset, data.length, { mayUnmap: true });
+    return;
+  }
   const unit = zeroUnit.length;
   let runStart = 0;
   let runIsZero: boolean | null = null;

@@ -28,8 +28,8 @@ export async function rebaseImage(filename: string, opts: RebaseOptions): Promis
   const img = await openImage(filename, { format: opts.format, writable: true, noBacking: !!opts.unsafe });
   let fresh: BlockImage | null = null;
   try {
-    // qemu-img's message; refused before any data is copied (qemu would copy first)
-    if (!img.setBacking) throw new QimgError(`Could not change the backing file to '${opts.backing}': Operation not supported`, { file: filename });
+    // qemu-img's bdrv_change_backing_file() answer for formats without backing files (unnamed)
+    if (!img.setBacking) throw new QimgError(`Could not change the backing file to '${opts.backing}': Operation not supported`, { file: '' });
     if (!opts.unsafe) {
       if (!removing) {
         try {

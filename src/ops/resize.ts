@@ -34,15 +34,17 @@ export async function resizeImage(
   if (!['off', 'metadata', 'falloc', 'full'].includes(mode)) throw new QimgError(`Invalid preallocation mode '${mode}'`);
   const img = await openImage(filename, { format, writable: true });
   try {
-    // qemu-img's wording, without a file name
-    if (!img.resize) throw new QimgError('Image format driver does not support resize', { file: '' });
     const size = resolveNewSize(sizeText, img.virtualSize);
+    // After the shrink check, without a file name, as qemu-img's blk_truncate() reports it
+    const unsupported = () => new QimgError('Image format driver does not support resize', { file: '' });
+    if (!img.resize && size >= img.virtualSize) throw unsupported();
     if (size < img.virtualSize) {
       // qemu-img (7.2 and later) prints the data-loss warning together with this error,
       // after it; a shrink that was asked for with --shrink goes ahead silently.
       if (!opts.shrink) throw new ShrinkRefusedError();
       if (mode !== 'off') throw new QimgError('Preallocation can only be used for growing images', { file: filename });
     }
+    if (!img.resize) throw unsupported();
     await img.resize(size, { preallocation: mode });
   } finally {
     await img.close();
