@@ -24,6 +24,22 @@ export interface ImageCheckCounts {
   compressedClusters: number;
 }
 
+/** A check result with nothing found yet. */
+export function emptyCheckCounts(): ImageCheckCounts {
+  return {
+    checkErrors: 0,
+    corruptions: 0,
+    leaks: 0,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    imageEndOffset: 0,
+    totalClusters: 0,
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
+  };
+}
+
 export interface FormatCheckOptions {
   /** FIX_LEAKS (1) | FIX_ERRORS (2), or 0 for a read-only check */
   fix: number;

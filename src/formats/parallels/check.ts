@@ -5,7 +5,7 @@
  * truncated after the last cluster (FIX_LEAKS); any repair run leaves the image
  * closed cleanly (in_use cleared), as qemu's close does.
  */
-import type { FormatCheckOptions, ImageCheckCounts } from '../../core/driver.js';
+import { emptyCheckCounts, type FormatCheckOptions, type ImageCheckCounts } from '../../core/driver.js';
 import { ImageFile } from '../../io/file.js';
 import { HEADER_INUSE_MAGIC, SECTOR_SIZE, batEntryOffset, serializeHeader } from './header.js';
 import { loadState } from './image.js';
@@ -15,18 +15,7 @@ const FIX_ERRORS = 2;
 
 export async function checkParallels(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts> {
   const file = await ImageFile.open(filename, { writable: opts.fix !== 0 });
-  const res: ImageCheckCounts = {
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-  };
+  const res: ImageCheckCounts = emptyCheckCounts();
   try {
     const s = await loadState(file, filename);
     const { header, bat, clusterSize } = s;

@@ -19,6 +19,7 @@
  * placed after the end of the file (written and synced before the header is switched
  * to them, so that a crash leaves either the old or the new structure in place).
  */
+import { emptyCheckCounts, type ImageCheckCounts } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
 import { ImageFile } from '../../io/file.js';
 import type { HostFile } from '../../io/host.js';
@@ -33,22 +34,8 @@ export const FIX_LEAKS = 1;
 export const FIX_ERRORS = 2;
 
 /** What one check pass found (BdrvCheckResult in qemu's terms). */
-export interface Qcow2CheckResult {
-  checkErrors: number;
-  corruptions: number;
-  leaks: number;
-  corruptionsFixed: number;
-  leaksFixed: number;
-  /** end of the last cluster that is used or has a refcount (0 = unknown) */
-  imageEndOffset: number;
-  /** virtual size in clusters */
-  totalClusters: number;
-  /** clusters of the active L1 that have a host cluster (normal, preallocated zero, compressed) */
-  allocatedClusters: number;
-  /** of those: compressed ones, plus normal ones that do not follow their predecessor in the L2 table */
-  fragmentedClusters: number;
-  compressedClusters: number;
-}
+/** qemu's BdrvCheckResult, as every format's check reports it. */
+export type Qcow2CheckResult = ImageCheckCounts;
 
 export interface Qcow2CheckOptions {
   /** FIX_LEAKS | FIX_ERRORS, or 0 for a read-only check */
@@ -69,18 +56,7 @@ export function maxCheckClusters(refcountBits: number): number {
 const TWO32 = 0x100000000;
 
 export function emptyCheckResult(): Qcow2CheckResult {
-  return {
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-  };
+  return emptyCheckCounts();
 }
 
 /** A failure that stops the check (qemu-img: "Check failed: <reason>", exit 1). */

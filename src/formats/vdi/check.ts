@@ -4,7 +4,7 @@
  * count must match the entries counted. QEMU repairs nothing: `-r` is refused as
  * "does not support checks" (exit 63).
  */
-import type { FormatCheckOptions, ImageCheckCounts } from '../../core/driver.js';
+import { emptyCheckCounts, type FormatCheckOptions, type ImageCheckCounts } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
 import { ImageFile } from '../../io/file.js';
 import { readVdiMetadata } from './driver.js';
@@ -20,18 +20,7 @@ export async function checkVdi(filename: string, opts: FormatCheckOptions): Prom
     await file.close();
   }
   const { header: h, bmap } = meta;
-  const counts: ImageCheckCounts = {
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-  };
+  const counts: ImageCheckCounts = emptyCheckCounts();
   const used = new Uint8Array(Math.ceil(h.blocksInImage / 8));
   let allocated = 0;
   for (let block = 0; block < h.blocksInImage; block++) {

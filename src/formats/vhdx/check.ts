@@ -4,7 +4,7 @@
  * BAT entry must lie inside the file and outside the metadata regions (qemu's
  * messages, one corruption each).
  */
-import type { FormatCheckOptions, ImageCheckCounts } from '../../core/driver.js';
+import { emptyCheckCounts, type FormatCheckOptions, type ImageCheckCounts } from '../../core/driver.js';
 import { ImageFile } from '../../io/file.js';
 import { newGuid, ZERO_GUID } from './format.js';
 import { updateHeaders } from './image.js';
@@ -12,18 +12,7 @@ import { replaySequence } from './log.js';
 import { activeLogLocation, checkBatEntries, checkSignature, currentHeader, pendingLog, readBat, readHeaders, readMeta, readOnlyLogError } from './open.js';
 
 export async function checkVhdx(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts> {
-  const counts: ImageCheckCounts = {
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-  };
+  const counts: ImageCheckCounts = emptyCheckCounts();
   // qemu opens the image read-write for any -r: the log is replayed then
   const file = await ImageFile.open(filename, { writable: opts.fix !== 0 });
   try {

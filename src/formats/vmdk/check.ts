@@ -3,7 +3,7 @@
  * lie inside its extent file. qemu stops at the first problem and reports the check as
  * failed; repairs are not supported.
  */
-import type { FormatCheckOptions, ImageCheckCounts } from '../../core/driver.js';
+import { emptyCheckCounts, type FormatCheckOptions, type ImageCheckCounts } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
 import { openImage } from '../../core/open.js';
 import { SECTOR } from './constants.js';
@@ -55,18 +55,7 @@ export async function checkVmdk(filename: string, opts: FormatCheckOptions): Pro
   } finally {
     await img.close();
   }
-  return {
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-  };
+  return emptyCheckCounts();
 }
 
 function failed(reason: string): QimgError {
