@@ -6,8 +6,9 @@
  * entries, extents a power of two from 512 bytes to 8 MiB, a catalog that covers
  * the disk.
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import type { BlockImage } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
+import { ReadOnlyImage } from '../../core/read-only-image.js';
 import type { HostFile } from '../../io/host.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 
@@ -38,22 +39,22 @@ function isBochs(h: Buffer): boolean {
   );
 }
 
-class BochsImage implements BlockImage {
+class BochsImage extends ReadOnlyImage {
   readonly format = 'bochs';
-  readonly backing = null;
-  readonly readOnly = true;
   readonly allocationUnit = SECTOR;
 
   constructor(
-    private readonly file: HostFile,
-    readonly filename: string,
+    file: HostFile,
+    filename: string,
     readonly virtualSize: number,
     private readonly catalog: Uint32Array,
     private readonly dataOffset: number,
     private readonly extentSize: number,
     private readonly bitmapBlocks: number,
     private readonly extentBlocks: number,
-  ) {}
+  ) {
+    super(file, filename);
+  }
 
   /**
    * Reads one extent's part [from, to) (bytes inside the extent) into `out`: sectors
@@ -97,30 +98,10 @@ class BochsImage implements BlockImage {
     await Promise.all(jobs);
   }
 
-  /** qemu has no block status for bochs: everything is data, at no host offset. */
-  async layerStatus(offset: number, length: number): Promise<LayerStatus> {
-    return { length: Math.min(length, this.virtualSize - offset), data: true, zero: false };
-  }
 
-  async write(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
-  async writeZeroes(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
-  async discard(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
 
-  async info(): Promise<ImageInfo> {
-    return { filename: this.filename, format: 'bochs', virtualSize: this.virtualSize, actualSize: await this.file.allocatedSize() };
-  }
 
-  async flush(): Promise<void> {}
 
-  async close(): Promise<void> {
-    await this.file.close();
-  }
 }
 
 async function openBochs(file: HostFile, writable: boolean): Promise<BlockImage> {

@@ -6,8 +6,9 @@
  * 128 MiB, offsets monotonic.
  */
 import { inflateSync } from 'node:zlib';
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import type { BlockImage } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
+import { ReadOnlyImage } from '../../core/read-only-image.js';
 import type { HostFile } from '../../io/host.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 
@@ -20,21 +21,20 @@ function readOnlyRefusal(file: HostFile): QimgError {
   return new QimgError(`Could not open '${file.path}': Image is read-only`, { file: file.path });
 }
 
-class CloopImage implements BlockImage {
+class CloopImage extends ReadOnlyImage {
   readonly format = 'cloop';
-  readonly backing = null;
-  readonly readOnly = true;
   readonly virtualSize: number;
   readonly allocationUnit: number;
   /** the last block inflated (qemu keeps one too): sequential reads inflate once */
   private cached: { index: number; data: Promise<Buffer> } | null = null;
 
   constructor(
-    private readonly file: HostFile,
-    readonly filename: string,
+    file: HostFile,
+    filename: string,
     private readonly blockSize: number,
     private readonly offsets: Float64Array,
   ) {
+    super(file, filename);
     this.virtualSize = (offsets.length - 1) * blockSize;
     this.allocationUnit = blockSize;
   }
@@ -73,30 +73,10 @@ class CloopImage implements BlockImage {
     }
   }
 
-  /** qemu has no block status for cloop: everything is data, at no host offset. */
-  async layerStatus(offset: number, length: number): Promise<LayerStatus> {
-    return { length: Math.min(length, this.virtualSize - offset), data: true, zero: false };
-  }
 
-  async write(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
-  async writeZeroes(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
-  async discard(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
 
-  async info(): Promise<ImageInfo> {
-    return { filename: this.filename, format: 'cloop', virtualSize: this.virtualSize, actualSize: await this.file.allocatedSize() };
-  }
 
-  async flush(): Promise<void> {}
 
-  async close(): Promise<void> {
-    await this.file.close();
-  }
 }
 
 async function openCloop(file: HostFile, writable: boolean): Promise<BlockImage> {

@@ -6,8 +6,9 @@
  * is by name only (qemu: a file name ending in ".dmg" scores 2).
  */
 import { inflateSync } from 'node:zlib';
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import type { BlockImage } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
+import { ReadOnlyImage } from '../../core/read-only-image.js';
 import type { HostFile } from '../../io/host.js';
 import { QimgError } from '../../core/errors.js';
 import { UDBZ, UDIG, UDRW, UDZE, UDZO, ULFO, readUdif, searchChunk, type Chunks } from './udif.js';
@@ -27,21 +28,20 @@ function warnOnce(type: number): void {
   process.stderr.write(`qimg: warning: ${what} will result in I/O errors\n`);
 }
 
-class DmgImage implements BlockImage {
+class DmgImage extends ReadOnlyImage {
   readonly format = 'dmg';
-  readonly backing = null;
-  readonly readOnly = true;
   readonly allocationUnit = SECTOR;
   readonly virtualSize: number;
   /** the last chunk decoded (qemu keeps one): sequential reads decode once */
   private cached: { chunk: number; data: Promise<Buffer> } | null = null;
 
   constructor(
-    private readonly file: HostFile,
-    readonly filename: string,
+    file: HostFile,
+    filename: string,
     totalSectors: number,
     private readonly c: Chunks,
   ) {
+    super(file, filename);
     this.virtualSize = totalSectors * SECTOR;
   }
 
@@ -99,30 +99,10 @@ class DmgImage implements BlockImage {
     }
   }
 
-  /** qemu has no block status for dmg: everything is data, at no host offset. */
-  async layerStatus(offset: number, length: number): Promise<LayerStatus> {
-    return { length: Math.min(length, this.virtualSize - offset), data: true, zero: false };
-  }
 
-  async write(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
-  async writeZeroes(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
-  async discard(): Promise<void> {
-    throw new QimgError('image is opened read-only', { file: this.filename });
-  }
 
-  async info(): Promise<ImageInfo> {
-    return { filename: this.filename, format: 'dmg', virtualSize: this.virtualSize, actualSize: await this.file.allocatedSize() };
-  }
 
-  async flush(): Promise<void> {}
 
-  async close(): Promise<void> {
-    await this.file.close();
-  }
 }
 
 async function openDmg(file: HostFile, writable: boolean): Promise<BlockImage> {
