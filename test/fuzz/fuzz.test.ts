@@ -95,6 +95,16 @@ const REGRESSIONS: Array<{ seed: number; bug: string; outcome?: Record<string, s
   },
 ];
 
+/** Cases over the other formats' fixtures (FUZZ_FAMILY=foreign) that once failed. */
+const FOREIGN_REGRESSIONS: Array<{ seed: number; bug: string }> = [
+  {
+    seed: 1642009221,
+    bug:
+      'parallels-unclean-4k, virtual size 4 PiB past a 256-entry BAT: map walked the space past the BAT ' +
+      'one cluster at a time (parallels/image.ts; qemu-img 7.2 aborts on an assertion)',
+  },
+];
+
 /** sha256 of every file of the fixture tree (the originals are only ever read). */
 function fixtureHashes(dir = IMAGES_DIR, out: Record<string, string> = {}): Record<string, string> {
   for (const name of readdirSync(dir)) {
@@ -327,6 +337,17 @@ describe('mutation fuzzer', () => {
       const r = await fuzzAndReport({ ...common, family: 'foreign', masterSeed: CI_FOREIGN_SEED, cases: CI_FOREIGN_CASES }, false);
       expect(fixtureHashes(join(IMAGES_DIR, '..', 'foreign')), 'a fixture file changed').toEqual(before);
       expect(r.cases).toBe(CI_FOREIGN_CASES);
+      expect(r.failures, r.report).toBe(0);
+    },
+    timeout,
+  );
+
+  it.skipIf(long)(
+    `the ${FOREIGN_REGRESSIONS.length} regression seeds over the other formats' fixtures pass`,
+    async () => {
+      const seeds = FOREIGN_REGRESSIONS.map((x) => x.seed);
+      const r = await fuzzAndReport({ ...common, family: 'foreign', masterSeed: CI_FOREIGN_SEED, cases: 0, seeds }, false);
+      expect(r.cases).toBe(seeds.length);
       expect(r.failures, r.report).toBe(0);
     },
     timeout,

@@ -288,7 +288,7 @@ async function runWith(bundle: string, opts: FuzzOptions): Promise<FuzzSummary> 
             const p = planCase(seed, planned);
             if (opts.saveDir) {
               mkdirSync(opts.saveDir, { recursive: true });
-              writeFileSync(join(opts.saveDir, `fuzz-${seed}-${p.fixture.name}.qcow2`), p.mutated.data);
+              writeFileSync(join(opts.saveDir, `fuzz-${seed}-${p.fixture.name.replace(/\//g, '-')}.${p.fixture.format ?? 'img'}`), p.mutated.data);
             }
             summary.failures.push({
               seed,

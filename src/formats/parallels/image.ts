@@ -123,6 +123,11 @@ export class ParallelsImage implements BlockImage {
     let len = Math.min(length, cs - inCluster);
     // extend while the next clusters continue the same way (contiguous or unallocated)
     for (let i = idx + 1; len < length; i++) {
+      // past the BAT nothing is allocated: the rest of the request is one hole
+      if (first === 0 && i >= this.s.header.batEntries) {
+        len = length;
+        break;
+      }
       const h = this.hostCluster(i);
       if (first === 0 ? h !== 0 : h !== first + (i - idx) * cs) break;
       len = Math.min(length, len + cs);
