@@ -5,7 +5,7 @@
  * are cached; runs of grains with the same status (and contiguous host data) are
  * answered as one, so reads of contiguous grains become one large file read.
  */
-import { inflate } from 'node:zlib';
+import { inflate, inflateSync } from "node:zlib";
 import { promisify } from 'node:util';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import type { HostFile } from '../../io/host.js';
@@ -149,7 +149,10 @@ export class SparseExtent {
     }
   }
 
-  /** The run of grains from `rel` sharing one status (data: contiguous on the host too). */
+  /**
+   * The run of grains from `rel` sharing one status (data: contiguous on the host too;
+   * compressed: any host offsets, `host` is the first grain's).
+   */
   async run(rel: number, len: number): Promise<GrainRun> {
     const g = this.grainSize;
     let grain = Math.floor(rel / g);
@@ -157,7 +160,6 @@ export class SparseExtent {
     const inGrain = rel - grain * g;
     let length = Math.min(len, g - inGrain);
     const host = first.kind === 'data' ? first.sector * SECTOR + inGrain : first.kind === 'compressed' ? first.sector * SECTOR : undefined;
-    if (first.kind === 'compressed') return { kind: first.kind, length, host };
     let expect = first.sector + this.layout.grainSectors;
     while (length < len) {
       grain++;
@@ -193,7 +195,17 @@ export class SparseExtent {
       const r = await this.run(at, buf.length - pos);
       const dst = buf.subarray(pos, pos + r.length);
       if (r.kind === 'data') jobs.push(this.file.read(dst, r.host!));
-      else if (r.kind === 'compressed') compressed.push({ host: r.host!, dst, inGrain: at - grain * this.grainSize });
+      else if (r.kind === 'compressed') {
+        // one item per grain: each is a separate zlib stream somewhere in the file
+        for (let p = 0; p < r.length; ) {
+          const gi = Math.floor((at + p) / this.grainSize);
+          const inGrain = at + p - gi * this.grainSize;
+          const n = Math.min(r.length - p, this.grainSize - inGrain);
+          const host = p === 0 ? r.host! : (await this.lookup(gi)).sector * SECTOR;
+          compressed.push({ host, dst: dst.subarray(p, p + n), inGrain });
+          p += n;
+        }
+      }
       else if (r.kind === 'zero') dst.fill(0);
       else jobs.push(below(at, dst)); // unallocated (qemu also reads a bad entry as unallocated)
       pos += r.length;
@@ -202,16 +214,24 @@ export class SparseExtent {
     await Promise.all(jobs);
   }
 
-  /** Compressed grains: neighbouring grains are fetched in one read and inflated in parallel. */
+  /**
+   * Compressed grains: neighbouring grains are fetched in one read (all spans at once)
+   * and inflated as their span arrives.
+   */
   private async readCompressed(items: Array<{ host: number; dst: Buffer; inGrain: number }>): Promise<void> {
-    const slack = 2 * this.grainSize + 12;
+    // enough for the last grain of a span even when it did not shrink (marker + zlib framing)
+    const slack = this.grainSize + SECTOR;
     const work: Promise<void>[] = [];
     for (let i = 0; i < items.length; ) {
       let j = i + 1;
       while (j < items.length && items[j].host > items[j - 1].host && items[j].host - items[i].host < MAX_COMPRESSED_SPAN) j++;
       const start = items[i].host;
-      const span = await this.file.readBytes(start, items[j - 1].host - start + slack);
-      for (let k = i; k < j; k++) work.push(this.inflateGrain(items[k], span, start));
+      const group = items.slice(i, j);
+      work.push(
+        this.file.readBytes(start, items[j - 1].host - start + slack).then(async (span) => {
+          for (const item of group) await this.inflateGrain(item, span, start);
+        }),
+      );
       i = j;
     }
     await Promise.all(work);
@@ -230,7 +250,7 @@ export class SparseExtent {
     const input = at + size <= span.length ? span.subarray(at, at + size) : await this.file.readBytes(spanStart + at, size);
     let plain: Buffer;
     try {
-      plain = await inflateAsync(input, { maxOutputLength: this.grainSize, chunkSize: Math.max(this.grainSize, 1024) });
+      plain = inflateSync(input, { maxOutputLength: this.grainSize, chunkSize: Math.max(this.grainSize, 1024) });
     } catch {
       throw new CorruptImageError(this.filename, `Invalid compressed grain at offset ${item.host}`);
     }
