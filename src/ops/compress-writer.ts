@@ -26,7 +26,7 @@ export interface CompressingWriterOptions {
 }
 
 export function compressingWriter(target: BlockImage, virtualSize: number, opts: CompressingWriterOptions = {}): CompressingWriter {
-  const { algorithm, clusterSize } = target.compression!;
+  const { algorithm, clusterSize, alwaysCompressed = false } = target.compression!;
   const pool = new Piscina({
     filename: new URL('./compress-worker.js', import.meta.url).href,
     name: 'compressTask',
@@ -45,7 +45,7 @@ export function compressingWriter(target: BlockImage, virtualSize: number, opts:
   /** `result` is compressed data, or the cluster itself (exactly a cluster long) when it did not shrink. */
   const store = async (offset: number, result: Uint8Array, partialLength: number) => {
     const bytes = Buffer.from(result.buffer, result.byteOffset, result.byteLength);
-    if (bytes.length < clusterSize) await target.writeCompressed!(offset, bytes);
+    if (alwaysCompressed || bytes.length < clusterSize) await target.writeCompressed!(offset, bytes);
     else await target.write(offset, bytes.subarray(0, partialLength));
   };
 
@@ -74,7 +74,7 @@ export function compressingWriter(target: BlockImage, virtualSize: number, opts:
         }
         // The cluster's memory moves to the worker (no copy) and its result moves back.
         const input = plain;
-        const task = pool.run({ data: input, algorithm, clusterSize }, { transferList: [input.buffer] });
+        const task = pool.run({ data: input, algorithm, clusterSize, always: alwaysCompressed }, { transferList: [input.buffer] });
         queued += clusterSize;
         const partial = len;
         chain = chain.then(async () => {
