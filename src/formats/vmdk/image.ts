@@ -234,7 +234,11 @@ export class VmdkImage implements BlockImage {
     }
     await ext.file.write(buf, first * SECTOR);
     if (!this.unsafeCache) await ext.file.flush();
-    await sp.setEntries(fresh.map((f, k) => [f.grain, first + k * sectorsPerGrain]));
+    await sp.setEntries(
+      fresh.map((f, k) => [f.grain, first + k * sectorsPerGrain]),
+      true,
+      this.unsafeCache,
+    );
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
@@ -282,7 +286,7 @@ export class VmdkImage implements BlockImage {
       pos += n;
     }
     if (marks.length > 0) {
-      await sp.setEntries(marks);
+      await sp.setEntries(marks, true, this.unsafeCache);
       await this.updateCid();
     }
     for (const [at, n] of writes) {
@@ -386,10 +390,16 @@ export class VmdkImage implements BlockImage {
     throw new QimgError(`Could not change the backing file to '${name ?? ''}': Operation not supported`, { file: '' });
   }
 
+  /** Grain tables a conversion kept in memory, written once each. */
+  private async writeTables(): Promise<void> {
+    for (const e of this.layout.extents) if (e.kind === 'sparse' && !e.sparse.layout.compressed) await e.sparse.writeDirty();
+  }
+
   async flush(): Promise<void> {
     if (!this.file.writable) return;
     await this.lock.run(async () => {
       for (const s of this.streams.values()) await s.flush();
+      await this.writeTables();
       const files = new Set([this.file, ...this.layout.ownFiles]);
       for (const f of files) await f.flush();
     });
@@ -401,6 +411,7 @@ export class VmdkImage implements BlockImage {
       if (this.file.writable) {
         await this.lock.run(async () => {
           for (const s of this.streams.values()) await s.finish();
+          await this.writeTables();
         });
         if (!this.unsafeCache) for (const f of new Set([this.file, ...this.layout.ownFiles])) await f.flush();
       }

@@ -57,8 +57,10 @@ export class SparseExtent {
   readonly gtBytes: number;
   private readonly cache = new Map<number, Buffer>();
   private readonly cacheLimit: number;
-  /** tables that must stay in memory (modified stream tables) */
+  /** tables that must stay in memory (modified stream tables, deferred tables) */
   readonly pinned = new Map<number, Buffer>();
+  /** deferred tables: the entry range not yet written, per directory entry */
+  private readonly dirty = new Map<number, { lo: number; hi: number }>();
   /** next free host sector for new grains or tables */
   nextSector: number;
 
@@ -272,14 +274,19 @@ export class SparseExtent {
    * Points grains at host sectors (or GTE_ZEROED): tables updated in memory, then the
    * changed part of each table written to its primary and redundant copy. Callers
    * write grain data first, so a table never points at data not yet written.
+   * `defer` (a conversion's target, no crash safety asked): the tables stay in memory
+   * and each is written once by writeDirty().
    */
-  async setEntries(updates: Array<[grain: number, value: number]>, persist = true): Promise<void> {
+  async setEntries(updates: Array<[grain: number, value: number]>, persist = true, defer = false): Promise<void> {
     const touched = new Map<number, { lo: number; hi: number }>();
     for (const [grain, value] of updates) {
       const i = Math.floor(grain / this.layout.gtEntries);
       const j = grain % this.layout.gtEntries;
       let t = await this.table(i);
-      if (!t) t = await this.newTable(i, persist);
+      if (!t) {
+        t = await this.newTable(i, persist, defer);
+        if (defer) this.dirty.set(i, { lo: 0, hi: this.layout.gtEntries - 1 });
+      }
       t.writeUInt32LE(value >>> 0, j * 4);
       const span = touched.get(i);
       if (span) {
@@ -288,6 +295,18 @@ export class SparseExtent {
       } else touched.set(i, { lo: j, hi: j });
     }
     if (!persist) return;
+    if (defer) {
+      for (const [i, { lo, hi }] of touched) {
+        const d = this.dirty.get(i);
+        if (d) {
+          d.lo = Math.min(d.lo, lo);
+          d.hi = Math.max(d.hi, hi);
+        } else this.dirty.set(i, { lo, hi });
+        // kept out of the LRU cache until written
+        this.pinned.set(i, (await this.table(i))!);
+      }
+      return;
+    }
     const writes: Promise<void>[] = [];
     for (const [i, { lo, hi }] of touched) {
       const t = (await this.table(i))!;
@@ -298,8 +317,28 @@ export class SparseExtent {
     await Promise.all(writes);
   }
 
-  /** A grain table for a directory entry that has none (zeroed table first, then the GD entry). */
-  private async newTable(i: number, persist: boolean): Promise<Buffer> {
+  /** Writes the tables setEntries(…, defer) left in memory (after the data they point at). */
+  async writeDirty(): Promise<void> {
+    const writes: Promise<void>[] = [];
+    for (const [i, { lo, hi }] of this.dirty) {
+      const t = this.pinned.get(i)!;
+      const piece = t.subarray(lo * 4, (hi + 1) * 4);
+      writes.push(this.file.write(piece, this.gd[i] + lo * 4));
+      if (this.rgd && this.rgd[i] > 0) writes.push(this.file.write(piece, this.rgd[i] + lo * 4));
+    }
+    await Promise.all(writes);
+    for (const i of this.dirty.keys()) {
+      this.cache.set(this.gd[i], this.pinned.get(i)!);
+      this.pinned.delete(i);
+    }
+    this.dirty.clear();
+  }
+
+  /**
+   * A grain table for a directory entry that has none (zeroed table first, then the GD
+   * entry; deferred: the table is written whole later).
+   */
+  private async newTable(i: number, persist: boolean, defer = false): Promise<Buffer> {
     const t = Buffer.alloc(this.gtBytes);
     if (!persist) {
       this.gd[i] = GT_IN_MEMORY;
@@ -309,11 +348,11 @@ export class SparseExtent {
     const sectors = Math.ceil(this.gtBytes / SECTOR);
     const gtSector = this.allocate(sectors);
     const padded = Buffer.alloc(sectors * SECTOR);
-    await this.file.write(padded, gtSector * SECTOR);
+    if (!defer) await this.file.write(padded, gtSector * SECTOR);
     let rgtSector = 0;
     if (this.rgd) {
       rgtSector = this.allocate(sectors);
-      await this.file.write(padded, rgtSector * SECTOR);
+      if (!defer) await this.file.write(padded, rgtSector * SECTOR);
     }
     const entry = Buffer.alloc(4);
     entry.writeUInt32LE(gtSector);
