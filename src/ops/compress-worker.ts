@@ -8,7 +8,6 @@ import { deflateRawSync, deflateSync } from 'node:zlib';
 import { createRequire } from 'node:module';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { isMainThread } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 
 export interface CompressTask {
@@ -65,26 +64,29 @@ export function compressTask(task: CompressTask): unknown {
 }
 
 /**
- * Each task leaves a cluster-sized ArrayBuffer or two behind, and V8 collects such
- * external memory only after about 64 MiB of it: a young collection every few MiB
- * keeps each worker small (peak memory of convert -c).
+ * Each cluster leaves a cluster-sized ArrayBuffer or two behind (in the worker and in
+ * the caller), and V8 collects such external memory only after about 64 MiB of it: a
+ * young collection every few MiB keeps each thread small (peak memory of convert -c).
  */
 const COLLECT_EVERY = 16;
 let tasksSinceGc = 0;
-let minorGc: (() => void) | null | undefined;
 function collectNow(): void {
   if (++tasksSinceGc < COLLECT_EVERY) return;
   tasksSinceGc = 0;
+  collectYoung();
+}
+
+let minorGc: (() => void) | null | undefined;
+/** A young-generation collection of this thread's heap (nothing when unavailable). */
+export function collectYoung(): void {
   if (minorGc === undefined) {
     minorGc = null;
-    if (!isMainThread) {
-      try {
-        setFlagsFromString('--expose-gc');
-        const gc = runInNewContext('gc') as (o?: { type: string }) => void;
-        minorGc = () => gc({ type: 'minor' });
-      } catch {
-        minorGc = null;
-      }
+    try {
+      setFlagsFromString('--expose-gc');
+      const gc = runInNewContext('gc') as (o?: { type: string }) => void;
+      minorGc = () => gc({ type: 'minor' });
+    } catch {
+      minorGc = null;
     }
   }
   minorGc?.();
