@@ -78,6 +78,8 @@ export interface SnapshotInfo {
   icount?: number;
 }
 
+export type CompressionAlgorithm = 'deflate' | 'zlib' | 'zstd';
+
 export interface BlockImage {
   readonly format: string;
   /** the name the image was opened by */
@@ -99,8 +101,15 @@ export interface BlockImage {
   layerStatus(offset: number, length: number): Promise<LayerStatus>;
   /** The unit in which the image allocates storage (zero detection never splits one). */
   readonly allocationUnit: number;
-  /** Formats that store compressed clusters: the algorithm and the unit. */
-  readonly compression?: { algorithm: 'deflate' | 'zstd'; clusterSize: number };
+  /**
+   * Formats that store compressed clusters: the algorithm ('deflate' raw with a 12-bit
+   * window as qcow2, 'zlib' = RFC 1950 stream at the default level, 'zstd' frame) and
+   * the unit. `alwaysCompressed`: every cluster is stored compressed, even one that
+   * does not shrink (a stream-optimized VMDK has no other kind).
+   */
+  readonly compression?: { algorithm: CompressionAlgorithm; clusterSize: number; alwaysCompressed?: boolean };
+  /** Every write is stored compressed: convert hands it whole compressed units even without -c. */
+  readonly compressesAllWrites?: boolean;
   /** Stores one unit (cluster) already compressed with `compression.algorithm`. */
   writeCompressed?(offset: number, compressed: Buffer): Promise<void>;
   /** A read-only view of an internal snapshot, by id and/or name (formats that have them). */

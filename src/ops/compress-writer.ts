@@ -7,6 +7,7 @@
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
 import type { BlockImage } from '../core/block-image.js';
+import { collectYoung } from './compress-worker.js';
 
 export interface CompressingWriter {
   write(offset: number, data: Buffer): Promise<void>;
@@ -26,7 +27,7 @@ export interface CompressingWriterOptions {
 }
 
 export function compressingWriter(target: BlockImage, virtualSize: number, opts: CompressingWriterOptions = {}): CompressingWriter {
-  const { algorithm, clusterSize } = target.compression!;
+  const { algorithm, clusterSize, alwaysCompressed = false } = target.compression!;
   const pool = new Piscina({
     filename: new URL('./compress-worker.js', import.meta.url).href,
     name: 'compressTask',
@@ -43,9 +44,15 @@ export function compressingWriter(target: BlockImage, virtualSize: number, opts:
   const waiters: Array<() => void> = [];
 
   /** `result` is compressed data, or the cluster itself (exactly a cluster long) when it did not shrink. */
+  let stored = 0;
   const store = async (offset: number, result: Uint8Array, partialLength: number) => {
+    // results arrive as fresh ArrayBuffers: collect them every 4 MiB (see collectYoung)
+    if ((stored += clusterSize) >= 4 * 1024 * 1024) {
+      stored = 0;
+      collectYoung();
+    }
     const bytes = Buffer.from(result.buffer, result.byteOffset, result.byteLength);
-    if (bytes.length < clusterSize) await target.writeCompressed!(offset, bytes);
+    if (alwaysCompressed || bytes.length < clusterSize) await target.writeCompressed!(offset, bytes);
     else await target.write(offset, bytes.subarray(0, partialLength));
   };
 
@@ -74,7 +81,7 @@ export function compressingWriter(target: BlockImage, virtualSize: number, opts:
         }
         // The cluster's memory moves to the worker (no copy) and its result moves back.
         const input = plain;
-        const task = pool.run({ data: input, algorithm, clusterSize }, { transferList: [input.buffer] });
+        const task = pool.run({ data: input, algorithm, clusterSize, always: alwaysCompressed }, { transferList: [input.buffer] });
         queued += clusterSize;
         const partial = len;
         chain = chain.then(async () => {

@@ -121,8 +121,10 @@ export async function convert(req: ConvertRequest): Promise<void> {
       // only a new target (qemu-img's target_backing_sectors is unknown with -n)
       targetBackingSize: req.backingFile !== undefined && !req.noCreate ? target.backing?.virtualSize : undefined,
     };
-    if (req.compress) {
-      if (!target.writeCompressed) throw new QimgError(`Compression not supported for file format '${target.format}'`, { file: req.output });
+    if (req.compress && !target.writeCompressed) throw new QimgError(`Compression not supported for file format '${target.format}'`, { file: req.output });
+    // Compressed units come from worker threads; a target that accepts -c without
+    // compressing (no `compression`) stores the data as is.
+    if ((req.compress || target.compressesAllWrites) && target.compression && target.writeCompressed) {
       const { compressingWriter } = await import('./compress-writer.js');
       const writer = compressingWriter(target, total, { skipZeroClusters: opts.sparseSize > 0, targetIsZero: opts.targetIsZero });
       try {

@@ -76,9 +76,9 @@ async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: 
           if (!a.subarray(p, p + len).equals(b.subarray(p, p + len))) {
             if (oldIsZero) {
               await img.writeZeroes(start, len);
-            } else if (opts.compress && img.writeCompressed && start % unit === 0 && len === unit) {
+            } else if (opts.compress && img.compression && img.writeCompressed && start % unit === 0 && len === unit) {
               const { compressUnit } = await import('./compress-one.js');
-              const c = compressUnit(img.compression!.algorithm, a.subarray(p, p + len), unit);
+              const c = compressUnit(img.compression.algorithm, a.subarray(p, p + len), unit, img.compression.alwaysCompressed);
               if (c) await img.writeCompressed(start, c);
               else await img.write(start, Buffer.from(a.subarray(p, p + len)));
             } else {

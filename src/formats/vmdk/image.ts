@@ -3,8 +3,7 @@
  * CIDs and parent hint, and the backing image (a VMware snapshot parent). Reads,
  * writes and block status are split at extent boundaries and handed to each extent.
  */
-import { inflateRaw } from 'node:zlib';
-import { promisify } from 'node:util';
+import { inflateSync } from 'node:zlib';
 import { randomInt } from 'node:crypto';
 import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
@@ -16,8 +15,6 @@ import { replaceCid } from './descriptor.js';
 import type { OpenedLayout, SparseExtentRef, VmdkExtent } from './open.js';
 import { StreamWriter } from './stream.js';
 
-const inflateRawAsync = promisify(inflateRaw) as (b: Buffer, o: { maxOutputLength: number }) => Promise<Buffer>;
-
 export interface VmdkState {
   cid: number;
   parentCid: number;
@@ -28,7 +25,8 @@ export class VmdkImage implements BlockImage {
   readonly format = 'vmdk';
   readonly virtualSize: number;
   readonly allocationUnit: number;
-  readonly compression?: { algorithm: 'deflate'; clusterSize: number };
+  readonly compression?: { algorithm: 'zlib'; clusterSize: number; alwaysCompressed: true };
+  readonly compressesAllWrites?: boolean;
   /** skip the fsync between grain data and grain table updates (convert's target) */
   unsafeCache = false;
   private readonly lock = new Mutex();
@@ -47,8 +45,14 @@ export class VmdkImage implements BlockImage {
     this.virtualSize = last.start + last.size;
     const sparse = layout.extents.find((e): e is SparseExtentRef => e.kind === 'sparse');
     this.allocationUnit = sparse ? Math.max(...layout.extents.map((e) => (e.kind === 'sparse' ? e.sparse.grainSize : SECTOR))) : SECTOR;
-    // convert -c is accepted for every vmdk (qemu: uncompressed extents store the data as is)
-    if (sparse) this.compression = { algorithm: 'deflate', clusterSize: sparse.sparse.grainSize };
+    // A stream-optimized extent stores every grain as a zlib stream: convert hands it
+    // grains compressed on worker threads. convert -c is accepted for every vmdk
+    // (qemu: uncompressed extents store the data as is), without compressing.
+    const stream = layout.extents.find((e): e is SparseExtentRef => e.kind === 'sparse' && e.sparse.layout.compressed && e.sparse.layout.variant !== 'sesparse');
+    if (stream) {
+      this.compression = { algorithm: 'zlib', clusterSize: stream.sparse.grainSize, alwaysCompressed: true };
+      this.compressesAllWrites = true;
+    }
   }
 
   get readOnly(): boolean {
@@ -230,7 +234,11 @@ export class VmdkImage implements BlockImage {
     }
     await ext.file.write(buf, first * SECTOR);
     if (!this.unsafeCache) await ext.file.flush();
-    await sp.setEntries(fresh.map((f, k) => [f.grain, first + k * sectorsPerGrain]));
+    await sp.setEntries(
+      fresh.map((f, k) => [f.grain, first + k * sectorsPerGrain]),
+      true,
+      this.unsafeCache,
+    );
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
@@ -278,7 +286,7 @@ export class VmdkImage implements BlockImage {
       pos += n;
     }
     if (marks.length > 0) {
-      await sp.setEntries(marks);
+      await sp.setEntries(marks, true, this.unsafeCache);
       await this.updateCid();
     }
     for (const [at, n] of writes) {
@@ -292,12 +300,29 @@ export class VmdkImage implements BlockImage {
     this.checkWrite(offset, length);
   }
 
-  /** convert -c hands raw-deflated clusters: inflate them and store them the extent's way. */
+  /**
+   * A grain compressed as a zlib stream (`compression`): appended as it is to a
+   * stream-optimized extent; any other extent stores it inflated.
+   */
   async writeCompressed(offset: number, compressed: Buffer): Promise<void> {
+    const ext = this.extentAt(offset);
+    const rel = offset - ext.start;
+    if (ext.kind === 'sparse' && ext.sparse.layout.compressed && ext.sparse.layout.variant !== 'sesparse' && rel % ext.sparse.grainSize === 0) {
+      this.checkWrite(offset, Math.min(ext.sparse.grainSize, ext.size - rel));
+      await this.lock.run(async () => {
+        await this.streamOf(ext).writeCompressed(rel, compressed);
+        await this.updateCid();
+      });
+      return;
+    }
     const unit = this.compression?.clusterSize ?? this.allocationUnit;
-    const plain = await inflateRawAsync(compressed, { maxOutputLength: unit });
-    const len = Math.min(plain.length, this.virtualSize - offset);
-    await this.write(offset, plain.subarray(0, len));
+    let plain: Buffer;
+    try {
+      plain = inflateSync(compressed, { maxOutputLength: unit });
+    } catch {
+      throw new QimgError('compressed unit is not a zlib stream', { file: this.filename });
+    }
+    await this.write(offset, plain.subarray(0, Math.min(plain.length, this.virtualSize - offset)));
   }
 
   /** A new CID in the descriptor on the first write after open (invalidates snapshots of this image). */
@@ -365,10 +390,16 @@ export class VmdkImage implements BlockImage {
     throw new QimgError(`Could not change the backing file to '${name ?? ''}': Operation not supported`, { file: '' });
   }
 
+  /** Grain tables a conversion kept in memory, written once each. */
+  private async writeTables(): Promise<void> {
+    for (const e of this.layout.extents) if (e.kind === 'sparse' && !e.sparse.layout.compressed) await e.sparse.writeDirty();
+  }
+
   async flush(): Promise<void> {
     if (!this.file.writable) return;
     await this.lock.run(async () => {
       for (const s of this.streams.values()) await s.flush();
+      await this.writeTables();
       const files = new Set([this.file, ...this.layout.ownFiles]);
       for (const f of files) await f.flush();
     });
@@ -380,6 +411,7 @@ export class VmdkImage implements BlockImage {
       if (this.file.writable) {
         await this.lock.run(async () => {
           for (const s of this.streams.values()) await s.finish();
+          await this.writeTables();
         });
         if (!this.unsafeCache) for (const f of new Set([this.file, ...this.layout.ownFiles])) await f.flush();
       }

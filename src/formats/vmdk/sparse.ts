@@ -5,14 +5,10 @@
  * are cached; runs of grains with the same status (and contiguous host data) are
  * answered as one, so reads of contiguous grains become one large file read.
  */
-import { inflate } from 'node:zlib';
-import { promisify } from 'node:util';
+import { inflateSync } from 'node:zlib';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import type { HostFile } from '../../io/host.js';
 import { GTE_ZEROED, MAX_EXTENT_SECTORS, SECTOR } from './constants.js';
-
-// one output chunk per grain: the default 16 KiB chunks cost a thread-pool round trip each
-const inflateAsync = promisify(inflate) as (buf: Buffer, opts: { maxOutputLength: number; chunkSize: number }) => Promise<Buffer>;
 
 export type GrainKind = 'unalloc' | 'zero' | 'data' | 'compressed' | 'error';
 
@@ -57,8 +53,10 @@ export class SparseExtent {
   readonly gtBytes: number;
   private readonly cache = new Map<number, Buffer>();
   private readonly cacheLimit: number;
-  /** tables that must stay in memory (modified stream tables) */
+  /** tables that must stay in memory (modified stream tables, deferred tables) */
   readonly pinned = new Map<number, Buffer>();
+  /** deferred tables: the entry range not yet written, per directory entry */
+  private readonly dirty = new Map<number, { lo: number; hi: number }>();
   /** next free host sector for new grains or tables */
   nextSector: number;
 
@@ -149,7 +147,10 @@ export class SparseExtent {
     }
   }
 
-  /** The run of grains from `rel` sharing one status (data: contiguous on the host too). */
+  /**
+   * The run of grains from `rel` sharing one status (data: contiguous on the host too;
+   * compressed: any host offsets, `host` is the first grain's).
+   */
   async run(rel: number, len: number): Promise<GrainRun> {
     const g = this.grainSize;
     let grain = Math.floor(rel / g);
@@ -157,7 +158,6 @@ export class SparseExtent {
     const inGrain = rel - grain * g;
     let length = Math.min(len, g - inGrain);
     const host = first.kind === 'data' ? first.sector * SECTOR + inGrain : first.kind === 'compressed' ? first.sector * SECTOR : undefined;
-    if (first.kind === 'compressed') return { kind: first.kind, length, host };
     let expect = first.sector + this.layout.grainSectors;
     while (length < len) {
       grain++;
@@ -193,7 +193,17 @@ export class SparseExtent {
       const r = await this.run(at, buf.length - pos);
       const dst = buf.subarray(pos, pos + r.length);
       if (r.kind === 'data') jobs.push(this.file.read(dst, r.host!));
-      else if (r.kind === 'compressed') compressed.push({ host: r.host!, dst, inGrain: at - grain * this.grainSize });
+      else if (r.kind === 'compressed') {
+        // one item per grain: each is a separate zlib stream somewhere in the file
+        for (let p = 0; p < r.length; ) {
+          const gi = Math.floor((at + p) / this.grainSize);
+          const inGrain = at + p - gi * this.grainSize;
+          const n = Math.min(r.length - p, this.grainSize - inGrain);
+          const host = p === 0 ? r.host! : (await this.lookup(gi)).sector * SECTOR;
+          compressed.push({ host, dst: dst.subarray(p, p + n), inGrain });
+          p += n;
+        }
+      }
       else if (r.kind === 'zero') dst.fill(0);
       else jobs.push(below(at, dst)); // unallocated (qemu also reads a bad entry as unallocated)
       pos += r.length;
@@ -202,21 +212,33 @@ export class SparseExtent {
     await Promise.all(jobs);
   }
 
-  /** Compressed grains: neighbouring grains are fetched in one read and inflated in parallel. */
+  /**
+   * Compressed grains: neighbouring grains are fetched in one read (all spans at once)
+   * and inflated as their span arrives.
+   */
   private async readCompressed(items: Array<{ host: number; dst: Buffer; inGrain: number }>): Promise<void> {
-    const slack = 2 * this.grainSize + 12;
+    // enough for the last grain of a span even when it did not shrink (marker + zlib framing)
+    const slack = this.grainSize + SECTOR;
     const work: Promise<void>[] = [];
     for (let i = 0; i < items.length; ) {
       let j = i + 1;
       while (j < items.length && items[j].host > items[j - 1].host && items[j].host - items[i].host < MAX_COMPRESSED_SPAN) j++;
       const start = items[i].host;
-      const span = await this.file.readBytes(start, items[j - 1].host - start + slack);
-      for (let k = i; k < j; k++) work.push(this.inflateGrain(items[k], span, start));
+      const group = items.slice(i, j);
+      work.push(
+        this.file.readBytes(start, items[j - 1].host - start + slack).then(async (span) => {
+          for (const item of group) await this.inflateGrain(item, span, start);
+        }),
+      );
       i = j;
     }
     await Promise.all(work);
   }
 
+  /**
+   * Inflated here, synchronously: a grain is ~70 µs of zlib work, less than the cost of
+   * an async zlib stream per grain (object, thread-pool round trip, callbacks).
+   */
   private async inflateGrain(item: { host: number; dst: Buffer; inGrain: number }, span: Buffer, spanStart: number): Promise<void> {
     let at = item.host - spanStart;
     let size = this.grainSize;
@@ -230,7 +252,7 @@ export class SparseExtent {
     const input = at + size <= span.length ? span.subarray(at, at + size) : await this.file.readBytes(spanStart + at, size);
     let plain: Buffer;
     try {
-      plain = await inflateAsync(input, { maxOutputLength: this.grainSize, chunkSize: Math.max(this.grainSize, 1024) });
+      plain = inflateSync(input, { maxOutputLength: this.grainSize, chunkSize: Math.max(this.grainSize, 1024) });
     } catch {
       throw new CorruptImageError(this.filename, `Invalid compressed grain at offset ${item.host}`);
     }
@@ -252,14 +274,19 @@ export class SparseExtent {
    * Points grains at host sectors (or GTE_ZEROED): tables updated in memory, then the
    * changed part of each table written to its primary and redundant copy. Callers
    * write grain data first, so a table never points at data not yet written.
+   * `defer` (a conversion's target, no crash safety asked): the tables stay in memory
+   * and each is written once by writeDirty().
    */
-  async setEntries(updates: Array<[grain: number, value: number]>, persist = true): Promise<void> {
+  async setEntries(updates: Array<[grain: number, value: number]>, persist = true, defer = false): Promise<void> {
     const touched = new Map<number, { lo: number; hi: number }>();
     for (const [grain, value] of updates) {
       const i = Math.floor(grain / this.layout.gtEntries);
       const j = grain % this.layout.gtEntries;
       let t = await this.table(i);
-      if (!t) t = await this.newTable(i, persist);
+      if (!t) {
+        t = await this.newTable(i, persist, defer);
+        if (defer) this.dirty.set(i, { lo: 0, hi: this.layout.gtEntries - 1 });
+      }
       t.writeUInt32LE(value >>> 0, j * 4);
       const span = touched.get(i);
       if (span) {
@@ -268,6 +295,18 @@ export class SparseExtent {
       } else touched.set(i, { lo: j, hi: j });
     }
     if (!persist) return;
+    if (defer) {
+      for (const [i, { lo, hi }] of touched) {
+        const d = this.dirty.get(i);
+        if (d) {
+          d.lo = Math.min(d.lo, lo);
+          d.hi = Math.max(d.hi, hi);
+        } else this.dirty.set(i, { lo, hi });
+        // kept out of the LRU cache until written
+        this.pinned.set(i, (await this.table(i))!);
+      }
+      return;
+    }
     const writes: Promise<void>[] = [];
     for (const [i, { lo, hi }] of touched) {
       const t = (await this.table(i))!;
@@ -278,8 +317,28 @@ export class SparseExtent {
     await Promise.all(writes);
   }
 
-  /** A grain table for a directory entry that has none (zeroed table first, then the GD entry). */
-  private async newTable(i: number, persist: boolean): Promise<Buffer> {
+  /** Writes the tables setEntries(…, defer) left in memory (after the data they point at). */
+  async writeDirty(): Promise<void> {
+    const writes: Promise<void>[] = [];
+    for (const [i, { lo, hi }] of this.dirty) {
+      const t = this.pinned.get(i)!;
+      const piece = t.subarray(lo * 4, (hi + 1) * 4);
+      writes.push(this.file.write(piece, this.gd[i] + lo * 4));
+      if (this.rgd && this.rgd[i] > 0) writes.push(this.file.write(piece, this.rgd[i] + lo * 4));
+    }
+    await Promise.all(writes);
+    for (const i of this.dirty.keys()) {
+      this.cache.set(this.gd[i], this.pinned.get(i)!);
+      this.pinned.delete(i);
+    }
+    this.dirty.clear();
+  }
+
+  /**
+   * A grain table for a directory entry that has none (zeroed table first, then the GD
+   * entry; deferred: the table is written whole later).
+   */
+  private async newTable(i: number, persist: boolean, defer = false): Promise<Buffer> {
     const t = Buffer.alloc(this.gtBytes);
     if (!persist) {
       this.gd[i] = GT_IN_MEMORY;
@@ -289,11 +348,11 @@ export class SparseExtent {
     const sectors = Math.ceil(this.gtBytes / SECTOR);
     const gtSector = this.allocate(sectors);
     const padded = Buffer.alloc(sectors * SECTOR);
-    await this.file.write(padded, gtSector * SECTOR);
+    if (!defer) await this.file.write(padded, gtSector * SECTOR);
     let rgtSector = 0;
     if (this.rgd) {
       rgtSector = this.allocate(sectors);
-      await this.file.write(padded, rgtSector * SECTOR);
+      if (!defer) await this.file.write(padded, rgtSector * SECTOR);
     }
     const entry = Buffer.alloc(4);
     entry.writeUInt32LE(gtSector);

@@ -1,15 +1,16 @@
 /**
  * Writing compressed (stream-optimized) extents. Grains are deflated in zlib's thread
- * pool while later ones are queued, and appended in submission order as grain
- * markers (LBA, size, zlib data, padded to a sector). Partial grains wait in memory
- * until they are complete or the image is flushed.
+ * pool while later ones are queued (or arrive compressed from convert's workers), and
+ * appended in submission order as grain markers (LBA, size, zlib data, padded to a
+ * sector), gathered into large writes. Partial grains wait in memory until they are
+ * complete or the image is flushed.
  *
  * Two layouts: a VMware stream (header gdOffset = GD_AT_END) gets its grain tables,
  * directory, footer and end-of-stream marker rewritten after the last grain when the
  * image is closed; an image whose tables sit before the grains (qemu's layout) has its
  * table entries updated in place after each grain is written, as qemu does.
  */
-import { deflate } from 'node:zlib';
+import { deflate, inflateSync } from 'node:zlib';
 import { promisify } from 'node:util';
 import { QimgError } from '../../core/errors.js';
 import { FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, MARKER_FOOTER, MARKER_GRAIN_DIRECTORY, MARKER_GRAIN_TABLE, SECTOR } from './constants.js';
@@ -19,7 +20,9 @@ import type { SparseExtentRef } from './open.js';
 const deflateAsync = promisify(deflate) as (buf: Buffer, opts: { chunkSize: number }) => Promise<Buffer>;
 
 /** Bytes of grains waiting for compression or writing before write() waits. */
-const MAX_QUEUED = 32 * 1024 * 1024;
+const MAX_QUEUED = 4 * 1024 * 1024;
+/** Grain records gathered into one file write. */
+const BATCH_BYTES = 2 * 1024 * 1024;
 
 interface Partial {
   buf: Buffer;
@@ -30,7 +33,8 @@ interface Partial {
 
 export class StreamWriter {
   private readonly pending = new Map<number, Partial>();
-  private readonly inflight = new Map<number, Buffer>();
+  /** grains handed over but not yet on disk: their data, or their zlib stream */
+  private readonly inflight = new Map<number, Buffer | { zlib: Buffer }>();
   private chain: Promise<void> = Promise.resolve();
   private failure: unknown = null;
   private queued = 0;
@@ -38,6 +42,12 @@ export class StreamWriter {
   private appendPos = -1;
   private modified = false;
   private tailMode = false;
+  /** grain records collected for one large write at `batchAt` */
+  private batch: Buffer | null = null;
+  private batchLen = 0;
+  private batchAt = 0;
+  private batchGrains: Array<[grain: number, sector: number]> = [];
+  private batchBytes = 0;
 
   constructor(
     private readonly ext: SparseExtentRef,
@@ -51,7 +61,14 @@ export class StreamWriter {
 
   /** Data of a grain written but not yet on disk. */
   held(grain: number): Buffer | undefined {
-    return this.inflight.get(grain) ?? this.pending.get(grain)?.buf;
+    const f = this.inflight.get(grain);
+    if (f && !Buffer.isBuffer(f)) {
+      // handed over compressed (convert): inflated only if someone reads it before it lands
+      const plain = Buffer.alloc(this.grainSize);
+      inflateSync(f.zlib, { maxOutputLength: this.grainSize }).copy(plain);
+      return plain;
+    }
+    return f ?? this.pending.get(grain)?.buf;
   }
 
   /**
@@ -86,6 +103,14 @@ export class StreamWriter {
     this.appendPos = end;
   }
 
+  /** Whether `grain` may be written (a stream never rewrites a grain it holds). */
+  private async fresh(grain: number): Promise<{ kind: string } | null> {
+    if (this.inflight.has(grain)) throw allocatedError();
+    const st = this.pending.has(grain) ? null : await this.ext.sparse.lookup(grain);
+    if (st && (st.kind === 'compressed' || st.kind === 'data')) throw allocatedError();
+    return st;
+  }
+
   async write(rel: number, data: Buffer): Promise<void> {
     if (this.failure) throw this.failure;
     await this.begin();
@@ -96,9 +121,7 @@ export class StreamWriter {
       const inGrain = at - grain * g;
       const n = Math.min(data.length - pos, g - inGrain);
       const grainEnd = Math.min(g, this.ext.size - grain * g);
-      if (this.inflight.has(grain)) throw allocatedError();
-      const st = this.pending.has(grain) ? null : await this.ext.sparse.lookup(grain);
-      if (st && (st.kind === 'compressed' || st.kind === 'data')) throw allocatedError();
+      const st = await this.fresh(grain);
       if (st && inGrain === 0 && n >= grainEnd) {
         const plain = Buffer.alloc(g);
         data.copy(plain, 0, pos, pos + n);
@@ -121,6 +144,31 @@ export class StreamWriter {
       }
       pos += n;
     }
+    await this.backpressure();
+  }
+
+  /**
+   * A whole grain already compressed as a zlib stream (convert's worker threads did
+   * it): appended as it is, in call order with the other grains.
+   */
+  async writeCompressed(rel: number, zlib: Buffer): Promise<void> {
+    if (this.failure) throw this.failure;
+    await this.begin();
+    const grain = rel / this.grainSize;
+    if (this.pending.has(grain)) {
+      // part of it was written before: merge the plain data instead
+      const plain = inflateSync(zlib, { maxOutputLength: this.grainSize });
+      return this.write(rel, plain.subarray(0, Math.min(plain.length, this.ext.size - rel)));
+    }
+    await this.fresh(grain);
+    this.modified = true;
+    this.inflight.set(grain, { zlib });
+    this.queued += zlib.length;
+    this.chain = this.chain.then(() => this.append(grain, zlib, zlib.length));
+    await this.backpressure();
+  }
+
+  private async backpressure(): Promise<void> {
     if (this.queued >= MAX_QUEUED) await new Promise<void>((resolve) => this.waiters.push(resolve));
     if (this.failure) throw this.failure;
   }
@@ -132,29 +180,85 @@ export class StreamWriter {
     // one output chunk for the whole grain (each chunk is a thread-pool round trip)
     const task = deflateAsync(plain, { chunkSize: plain.length + 1024 });
     task.catch(() => undefined);
-    const lba = (this.ext.start + grain * this.grainSize) / SECTOR;
     this.chain = this.chain.then(async () => {
+      let compressed: Buffer;
       try {
-        if (this.failure) return;
-        const compressed = await task;
-        const record = Buffer.alloc(Math.ceil((12 + compressed.length) / SECTOR) * SECTOR);
-        record.writeBigUInt64LE(BigInt(lba), 0);
-        record.writeUInt32LE(compressed.length, 8);
-        compressed.copy(record, 12);
-        const at = this.appendPos;
-        if (at / SECTOR + record.length / SECTOR > 2 ** 32) throw new QimgError('stream-optimized extent is full (grain offsets are limited to 2 TiB)');
-        this.appendPos += record.length;
-        await this.ext.file.write(record, at);
-        await this.ext.sparse.setEntries([[grain, at / SECTOR]], !this.tailMode);
-        this.ext.sparse.nextSector = this.appendPos / SECTOR;
+        compressed = await task;
       } catch (err) {
         this.failure ??= err;
-      } finally {
-        this.inflight.delete(grain);
-        this.queued -= plain.length;
-        while (this.waiters.length > 0 && this.queued < MAX_QUEUED) this.waiters.shift()!();
+        this.release([grain], plain.length);
+        return;
       }
+      await this.append(grain, compressed, plain.length);
     });
+  }
+
+  /**
+   * Adds a grain marker (LBA, size, data, padded to a sector) to the batch; a full
+   * batch goes to the file in one request. Runs on the chain, in submission order.
+   */
+  private async append(grain: number, compressed: Buffer, accounted: number): Promise<void> {
+    if (this.failure) {
+      this.release([grain], accounted);
+      return;
+    }
+    const recordLen = Math.ceil((12 + compressed.length) / SECTOR) * SECTOR;
+    if (this.batch && this.batchLen + recordLen > this.batch.length) await this.writeBatch();
+    if (!this.batch) {
+      this.batch = Buffer.allocUnsafe(Math.max(BATCH_BYTES, recordLen));
+      this.batchLen = 0;
+      this.batchAt = this.appendPos;
+    }
+    const at = this.appendPos;
+    if (at / SECTOR + recordLen / SECTOR > 2 ** 32) {
+      this.failure ??= new QimgError('stream-optimized extent is full (grain offsets are limited to 2 TiB)');
+      this.release([grain], accounted);
+      return;
+    }
+    const b = this.batch;
+    const o = this.batchLen;
+    b.writeBigUInt64LE(BigInt((this.ext.start + grain * this.grainSize) / SECTOR), o);
+    b.writeUInt32LE(compressed.length, o + 8);
+    compressed.copy(b, o + 12);
+    b.fill(0, o + 12 + compressed.length, o + recordLen);
+    this.batchLen += recordLen;
+    this.appendPos += recordLen;
+    this.batchGrains.push([grain, at / SECTOR]);
+    this.batchBytes += accounted;
+    // Tables updated in place (qemu's layout) point at each grain as soon as it is
+    // written, as qemu does; in memory (tail mode) nothing waits on a batch.
+    if (this.batchLen >= BATCH_BYTES || !this.tailMode) await this.writeBatch();
+  }
+
+  /** Writes the batch, then points the grain tables at its grains (data before metadata). */
+  private async writeBatch(): Promise<void> {
+    const b = this.batch;
+    if (!b || this.batchLen === 0) return;
+    const grains = this.batchGrains;
+    const bytes = this.batchBytes;
+    const at = this.batchAt;
+    const len = this.batchLen;
+    this.batch = null;
+    this.batchGrains = [];
+    this.batchBytes = 0;
+    try {
+      await this.ext.file.write(b.subarray(0, len), at);
+      await this.ext.sparse.setEntries(grains, !this.tailMode);
+      this.ext.sparse.nextSector = Math.ceil((at + len) / SECTOR);
+    } catch (err) {
+      this.failure ??= err;
+    } finally {
+      this.release(
+        grains.map(([g]) => g),
+        bytes,
+      );
+    }
+  }
+
+  private release(grains: number[], bytes: number): void {
+    for (const g of grains) this.inflight.delete(g);
+    this.queued -= bytes;
+    while (this.waiters.length > 0 && this.queued < MAX_QUEUED) this.waiters.shift()!();
   }
 
   /** Stores partial grains as they are and waits for every queued grain. */
@@ -163,6 +267,7 @@ export class StreamWriter {
       this.pending.delete(grain);
       this.submit(grain, p.buf);
     }
+    this.chain = this.chain.then(() => this.writeBatch());
     await this.chain;
     if (this.failure) throw this.failure;
   }
