@@ -7,7 +7,7 @@
  * create option matrix and check on damaged images with qemu-img's texts and codes.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { copyFileSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { gunzipSync } from 'node:zlib';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
@@ -89,9 +89,6 @@ function expectSameLayout(mine: string, twin: string): void {
   expect(mapJson(Q(['map', '--output=json', mine]).stdout)).toEqual(mapJson(Q(['map', '--output=json', twin]).stdout));
 }
 
-function checkBoth(file: string): { qimg: RunResult; qemu: RunResult } {
-  return { qimg: qimg(['check', file], { cwd: d }), qemu: qemuImg(['check', file], d) };
-}
 
 /** Header bytes without the two random UUIDs (image, last snapshot). */
 function headerSansUuids(file: string): Buffer {

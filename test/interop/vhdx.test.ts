@@ -108,14 +108,6 @@ function readAt(file: string, pos: number, len: number): Buffer {
     closeSync(fd);
   }
 }
-function writeAt(file: string, pos: number, data: Buffer): void {
-  const fd = openSync(file, 'r+');
-  try {
-    writeSync(fd, data, 0, data.length, pos);
-  } finally {
-    closeSync(fd);
-  }
-}
 function headersOf(file: string): { h1: VhdxHeader; h2: VhdxHeader; cur: VhdxHeader; curAt: number; otherAt: number } {
   const h1 = parseHeader(readAt(file, 64 * 1024, 4096))!;
   const h2 = parseHeader(readAt(file, 128 * 1024, 4096))!;

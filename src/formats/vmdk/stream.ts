@@ -371,8 +371,3 @@ export async function writeStreamTail(ext: SparseExtentRef, pos: number): Promis
   await ext.file.write(serializeVmdk4Header({ ...header, gdOffset: BigInt(gdSector) }), 0);
 }
 
-let zeros: Buffer | undefined;
-function isZero(b: Buffer): boolean {
-  if (zeros?.length !== b.length) zeros = Buffer.alloc(b.length);
-  return b.equals(zeros);
-}
