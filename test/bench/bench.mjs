@@ -505,8 +505,8 @@ function checkPrereqs() {
     if (r.error || r.status !== 0) throw new Error(`${cmd} is needed for the benchmark`);
   }
   // The CLI bundle may be rebuilt concurrently; build it if it is missing.
-  if (!fs.existsSync(path.join(ROOT, 'dist', 'cli.js'))) {
-    log('dist/cli.js missing: npm run build');
+  if (!fs.existsSync(path.join(ROOT, 'dist', 'cli.cjs'))) {
+    log('dist/cli.cjs missing: npm run build');
     sh('npm', ['run', 'build'], { cwd: ROOT, stdio: 'inherit' });
   }
 }

@@ -89,7 +89,7 @@ async function runKilled(args, delay, cwd, watch = [], env = undefined) {
 
 /** Waits (up to 2 minutes) while dist/ is missing (a concurrent `npm run build`). */
 async function distReady() {
-  const files = [join(ROOT, 'dist', 'cli.js'), join(ROOT, 'dist', 'index.js')];
+  const files = [join(ROOT, 'dist', 'cli.cjs'), join(ROOT, 'dist', 'index.js')];
   for (let i = 0; i < 240 && !files.every((f) => fs.existsSync(f)); i++) await new Promise((r) => setTimeout(r, 500));
   await new Promise((r) => setTimeout(r, 0));
 }

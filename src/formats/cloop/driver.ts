@@ -5,12 +5,12 @@
  * a multiple of 512 up to 64 MiB, offsets table up to 512 MiB, compressed blocks up to
  * 128 MiB, offsets monotonic.
  */
-import { inflateSync } from 'node:zlib';
 import type { BlockImage } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { ReadOnlyImage } from '../../core/read-only-image.js';
 import type { HostFile } from '../../io/host.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
+import { zlib } from '../../core/lazy-builtins.js';
 
 const MAGIC = Buffer.from('#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n', 'latin1');
 const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
@@ -47,7 +47,7 @@ class CloopImage extends ReadOnlyImage {
       const compressed = await this.file.readBytes(start, length);
       let out: Buffer;
       try {
-        out = inflateSync(compressed, { maxOutputLength: this.blockSize });
+        out = zlib().inflateSync(compressed, { maxOutputLength: this.blockSize });
       } catch {
         throw new QimgError(`error while reading at byte ${at}: Input/output error`, { file: '' });
       }

@@ -5,13 +5,13 @@
  * warning and fails reads of those chunks with an I/O error; so does qimg. Probing
  * is by name only (qemu: a file name ending in ".dmg" scores 2).
  */
-import { inflateSync } from 'node:zlib';
 import type { BlockImage } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { ReadOnlyImage } from '../../core/read-only-image.js';
 import type { HostFile } from '../../io/host.js';
 import { QimgError } from '../../core/errors.js';
 import { UDBZ, UDIG, UDRW, UDZE, UDZO, ULFO, readUdif, searchChunk, type Chunks } from './udif.js';
+import { zlib } from '../../core/lazy-builtins.js';
 
 const SECTOR = 512;
 const warned = new Set<number>();
@@ -63,7 +63,7 @@ class DmgImage extends ReadOnlyImage {
       }
       let out: Buffer;
       try {
-        out = inflateSync(stored, { maxOutputLength: Math.max(size, 1) });
+        out = zlib().inflateSync(stored, { maxOutputLength: Math.max(size, 1) });
       } catch {
         throw this.eio(at);
       }

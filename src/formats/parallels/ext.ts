@@ -5,9 +5,9 @@
  * nothing. Memory stays bounded: only the part of the cluster inside the file is
  * read, the rest is zeros (as qemu reads past the end of the file).
  */
-import { createHash } from 'node:crypto';
 import type { HostFile } from '../../io/host.js';
 import { CorruptImageError } from '../../core/errors.js';
+import { crypto } from '../../core/lazy-builtins.js';
 
 const EXT_MAGIC = 0xab234cef23dcea87n;
 const END_OF_FEATURES = 0n;
@@ -51,7 +51,7 @@ export async function validateFormatExtension(
     fail(`Wrong parallels Format Extension magic: 0x${magic.toString(16)}, expected: 0x${EXT_MAGIC.toString(16)}`);
   }
   // MD5 of the cluster after the 24-byte header; zeros past the end of the file
-  const md5 = createHash('md5');
+  const md5 = crypto().createHash('md5');
   md5.update(buf.subarray(Math.min(EXT_HEADER, buf.length)));
   const zeros = Buffer.alloc(1024 * 1024);
   for (let left = clusterSize - Math.max(buf.length, EXT_HEADER); left > 0; left -= zeros.length) {

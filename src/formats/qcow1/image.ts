@@ -4,13 +4,13 @@
  * Writes allocate at the end of the file; data reaches the disk before the L2 entry
  * that points at it, and a new L2 table before its L1 entry.
  */
-import { inflateRawSync } from 'node:zlib';
 import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { joinBackingName } from '../../core/open.js';
 import { Mutex } from '../../core/mutex.js';
 import type { HostFile } from '../../io/host.js';
 import { QCOW_CRYPT_NONE, type QcowHeader } from './header.js';
+import { zlib } from '../../core/lazy-builtins.js';
 
 const COMPRESSED_HI = 0x80000000;
 /** cached L2 tables (at most 64 KiB each) */
@@ -167,7 +167,7 @@ export class QcowImage implements BlockImage {
     const raw = await this.file.readBytes(run.host!, run.csize!);
     let data: Buffer;
     try {
-      data = inflateRawSync(raw, { windowBits: 12, maxOutputLength: this.clusterSize, finishFlush: 2 /* Z_SYNC_FLUSH */ });
+      data = zlib().inflateRawSync(raw, { windowBits: 12, maxOutputLength: this.clusterSize, finishFlush: 2 /* Z_SYNC_FLUSH */ });
     } catch {
       throw new CorruptImageError(this.filename, `error while reading at byte ${guest - (guest % this.clusterSize)}: compressed cluster at 0x${run.host!.toString(16)} is damaged`);
     }
@@ -273,7 +273,7 @@ export class QcowImage implements BlockImage {
       const run = await this.lookup(offset, cs);
       if (run.kind === 'data') {
         // Already allocated: store it plainly where it is.
-        const plain = inflateRawSync(compressed, { windowBits: 12 });
+        const plain = zlib().inflateRawSync(compressed, { windowBits: 12 });
         await this.file.write(plain.subarray(0, Math.min(cs, this.virtualSize - offset)), run.host!);
         return;
       }

@@ -4,9 +4,9 @@
  * is good when exactly one cluster of output was produced, as QEMU requires.
  */
 import { createRequire } from 'node:module';
-import { inflateRawSync, constants as zc } from 'node:zlib';
 import { Decompress as ZstdStream } from 'fzstd';
 import { COMPRESSION_ZSTD } from './constants.js';
+import { zlib } from '../../core/lazy-builtins.js';
 
 export class DecompressError extends Error {}
 
@@ -18,7 +18,7 @@ function deflateCluster(input: Buffer, clusterSize: number): Buffer {
   let out: Buffer;
   try {
     // Z_SYNC_FLUSH: a stream cut short is not an error by itself; the length check decides.
-    out = inflateRawSync(input, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
+    out = zlib().inflateRawSync(input, { finishFlush: zlib().constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
       // More output than a cluster: QEMU takes the first cluster of it.
@@ -35,7 +35,7 @@ function inflateFirst(input: Buffer, clusterSize: number): Buffer {
   // Decode growing prefixes of the input until one yields a full cluster.
   for (let n = 512; ; n = Math.min(input.length, n * 2)) {
     try {
-      const out = inflateRawSync(input.subarray(0, n), { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: 16 * clusterSize });
+      const out = zlib().inflateRawSync(input.subarray(0, n), { finishFlush: zlib().constants.Z_SYNC_FLUSH, maxOutputLength: 16 * clusterSize });
       if (out.length >= clusterSize) return out.subarray(0, clusterSize);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ERR_BUFFER_TOO_LARGE') {

@@ -4,8 +4,8 @@
  * in QEMU's order and with its messages, so a hostile header gives the same one-line
  * refusal qemu-img gives.
  */
-import { randomUUID } from 'node:crypto';
 import { CorruptImageError, UnsupportedError } from '../../core/errors.js';
+import { crypto } from '../../core/lazy-builtins.js';
 
 export const VDI_SIGNATURE = 0xbeda107f;
 export const VDI_VERSION_1_1 = 0x00010001;
@@ -138,7 +138,7 @@ function isNullUuid(buf: Buffer, at: number): boolean {
  * little endian (QEMU byte-swaps RFC 4122 UUIDs the same way).
  */
 export function vdiUuid(): Buffer {
-  const rfc = Buffer.from(randomUUID().replace(/-/g, ''), 'hex');
+  const rfc = Buffer.from(crypto().randomUUID().replace(/-/g, ''), 'hex');
   const out = Buffer.from(rfc);
   out.writeUInt32LE(rfc.readUInt32BE(0), 0);
   out.writeUInt16LE(rfc.readUInt16BE(4), 4);

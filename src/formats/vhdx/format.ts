@@ -4,8 +4,8 @@
  * each structure's own shape; cross-structure validation lives in open.ts.
  * All integers are little-endian; GUIDs are kept as their 16 on-disk bytes.
  */
-import { randomBytes } from 'node:crypto';
 import { checksumValid, sealChecksum } from './crc32c.js';
+import { crypto } from '../../core/lazy-builtins.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
@@ -98,7 +98,7 @@ export const PARENT_TYPE_VHDX_GUID = guid('B04AEFB7-D19E-4A81-B789-25B8E9445913'
 export const ZERO_GUID = Buffer.alloc(16);
 
 export function newGuid(): Buffer {
-  const b = randomBytes(16);
+  const b = crypto().randomBytes(16);
   // an RFC 4122 version 4 GUID, as the GUIDs the spec shows (byte order as MS GUIDs)
   b[7] = (b[7] & 0x0f) | 0x40;
   b[8] = (b[8] & 0x3f) | 0x80;

@@ -7,7 +7,6 @@
 import { open, unlink } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { basename } from 'node:path';
-import { randomInt } from 'node:crypto';
 import { QimgError, describeSystemError } from '../../core/errors.js';
 import { openImage, resolveRelative } from '../../core/open.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.js';
@@ -15,6 +14,7 @@ import { DEFAULT_GRAIN_SECTORS, DEFAULT_GT_ENTRIES, FLAG_NL_DETECT, FLAG_RGD, FL
 import { buildDescriptor } from './descriptor.js';
 import { serializeVmdk4Header } from './header.js';
 import { buildStreamTail, streamHeader } from './stream.js';
+import { crypto } from '../../core/lazy-builtins.js';
 
 export const SUBFORMATS = ['monolithicSparse', 'monolithicFlat', 'twoGbMaxExtentSparse', 'twoGbMaxExtentFlat', 'streamOptimized'] as const;
 export type Subformat = (typeof SUBFORMATS)[number];
@@ -208,7 +208,7 @@ export async function createVmdk(path: string, size: number, options: Map<string
 
   const heads = spec.adapterType === 'ide' ? 16 : 255;
   const descriptor = buildDescriptor({
-    cid: randomInt(0, 2 ** 32),
+    cid: crypto().randomInt(0, 2 ** 32),
     parentCid,
     createType: subformat,
     parentFileNameHint: spec.backingFile,

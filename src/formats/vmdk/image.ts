@@ -3,8 +3,6 @@
  * CIDs and parent hint, and the backing image (a VMware snapshot parent). Reads,
  * writes and block status are split at extent boundaries and handed to each extent.
  */
-import { inflateSync } from 'node:zlib';
-import { randomInt } from 'node:crypto';
 import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
@@ -14,6 +12,7 @@ import { SECTOR } from './constants.js';
 import { replaceCid } from './descriptor.js';
 import type { OpenedLayout, SparseExtentRef, VmdkExtent } from './open.js';
 import { StreamWriter } from './stream.js';
+import { crypto, zlib } from '../../core/lazy-builtins.js';
 
 export interface VmdkState {
   cid: number;
@@ -318,7 +317,7 @@ export class VmdkImage implements BlockImage {
     const unit = this.compression?.clusterSize ?? this.allocationUnit;
     let plain: Buffer;
     try {
-      plain = inflateSync(compressed, { maxOutputLength: unit });
+      plain = zlib().inflateSync(compressed, { maxOutputLength: unit });
     } catch {
       throw new QimgError('compressed unit is not a zlib stream', { file: this.filename });
     }
@@ -333,7 +332,7 @@ export class VmdkImage implements BlockImage {
     const raw = await this.file.readBytes(descOffset, Math.min(descRoom, Math.max(0, this.file.size - descOffset)));
     const nul = raw.indexOf(0);
     const text = raw.subarray(0, nul < 0 ? raw.length : nul).toString('latin1');
-    const cid = randomInt(0, 2 ** 32);
+    const cid = crypto().randomInt(0, 2 ** 32);
     const next = replaceCid(text, cid);
     if (next === null || next.length > descRoom) return;
     const out = Buffer.alloc(Math.max(next.length, text.length));

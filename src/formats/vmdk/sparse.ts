@@ -5,10 +5,10 @@
  * are cached; runs of grains with the same status (and contiguous host data) are
  * answered as one, so reads of contiguous grains become one large file read.
  */
-import { inflateSync } from 'node:zlib';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import type { HostFile } from '../../io/host.js';
 import { GTE_ZEROED, MAX_EXTENT_SECTORS, SECTOR } from './constants.js';
+import { zlib } from '../../core/lazy-builtins.js';
 
 export type GrainKind = 'unalloc' | 'zero' | 'data' | 'compressed' | 'error';
 
@@ -252,7 +252,7 @@ export class SparseExtent {
     const input = at + size <= span.length ? span.subarray(at, at + size) : await this.file.readBytes(spanStart + at, size);
     let plain: Buffer;
     try {
-      plain = inflateSync(input, { maxOutputLength: this.grainSize, chunkSize: Math.max(this.grainSize, 1024) });
+      plain = zlib().inflateSync(input, { maxOutputLength: this.grainSize, chunkSize: Math.max(this.grainSize, 1024) });
     } catch {
       throw new CorruptImageError(this.filename, `Invalid compressed grain at offset ${item.host}`);
     }

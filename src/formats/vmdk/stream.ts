@@ -10,14 +10,14 @@
  * image is closed; an image whose tables sit before the grains (qemu's layout) has its
  * table entries updated in place after each grain is written, as qemu does.
  */
-import { deflate, inflateSync } from 'node:zlib';
 import { promisify } from 'node:util';
 import { QimgError } from '../../core/errors.js';
 import { FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, MARKER_FOOTER, MARKER_GRAIN_DIRECTORY, MARKER_GRAIN_TABLE, SECTOR } from './constants.js';
 import { metadataMarker, serializeVmdk4Header, type Vmdk4Header } from './header.js';
 import type { SparseExtentRef } from './open.js';
+import { zlib } from '../../core/lazy-builtins.js';
 
-const deflateAsync = promisify(deflate) as (buf: Buffer, opts: { chunkSize: number }) => Promise<Buffer>;
+const deflateAsync = (buf: Buffer, opts: { chunkSize: number }): Promise<Buffer> => promisify(zlib().deflate)(buf, opts) as Promise<Buffer>;
 
 /** Bytes of grains waiting for compression or writing before write() waits. */
 const MAX_QUEUED = 4 * 1024 * 1024;
@@ -65,7 +65,7 @@ export class StreamWriter {
     if (f && !Buffer.isBuffer(f)) {
       // handed over compressed (convert): inflated only if someone reads it before it lands
       const plain = Buffer.alloc(this.grainSize);
-      inflateSync(f.zlib, { maxOutputLength: this.grainSize }).copy(plain);
+      zlib().inflateSync(f.zlib, { maxOutputLength: this.grainSize }).copy(plain);
       return plain;
     }
     return f ?? this.pending.get(grain)?.buf;
@@ -151,20 +151,20 @@ export class StreamWriter {
    * A whole grain already compressed as a zlib stream (convert's worker threads did
    * it): appended as it is, in call order with the other grains.
    */
-  async writeCompressed(rel: number, zlib: Buffer): Promise<void> {
+  async writeCompressed(rel: number, compressed: Buffer): Promise<void> {
     if (this.failure) throw this.failure;
     await this.begin();
     const grain = rel / this.grainSize;
     if (this.pending.has(grain)) {
       // part of it was written before: merge the plain data instead
-      const plain = inflateSync(zlib, { maxOutputLength: this.grainSize });
+      const plain = zlib().inflateSync(compressed, { maxOutputLength: this.grainSize });
       return this.write(rel, plain.subarray(0, Math.min(plain.length, this.ext.size - rel)));
     }
     await this.fresh(grain);
     this.modified = true;
-    this.inflight.set(grain, { zlib });
-    this.queued += zlib.length;
-    this.chain = this.chain.then(() => this.append(grain, zlib, zlib.length));
+    this.inflight.set(grain, { zlib: compressed });
+    this.queued += compressed.length;
+    this.chain = this.chain.then(() => this.append(grain, compressed, compressed.length));
     await this.backpressure();
   }
 

@@ -3,8 +3,8 @@
  * empty BAT, footer; 2 MiB blocks) or fixed (the data, then the footer), sized by the
  * CHS search unless force_size keeps the exact size (creator "qem2").
  */
-import { randomUUID } from 'node:crypto';
 import { open, unlink } from 'node:fs/promises';
+import { crypto } from '../../core/lazy-builtins.js';
 import { constants } from 'node:fs';
 import { QimgError, describeSystemError } from '../../core/errors.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.js';
@@ -77,7 +77,7 @@ export function makeFooter(totalSize: number, geometry: { cylinders: number; hea
   f[F.heads] = geometry.heads;
   f[F.sectorsPerTrack] = geometry.sectorsPerTrack;
   f.writeUInt32BE(type, F.diskType);
-  Buffer.from(randomUUID().replace(/-/g, ''), 'hex').copy(f, F.uniqueId);
+  Buffer.from(crypto().randomUUID().replace(/-/g, ''), 'hex').copy(f, F.uniqueId);
   f.writeUInt32BE(vhdChecksum(f, F.checksum), F.checksum);
   return f;
 }
