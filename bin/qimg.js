@@ -7,17 +7,18 @@
 // new one is written. V8 compiles functions when they first run, so the cache holds
 // what the runs that wrote it used: the first run of each subcommand writes it again
 // (a superset), and a list beside it says which subcommands it covers.
-import fs from 'node:fs';
-import path from 'node:path';
-import vm from 'node:vm';
-import { createRequire, Module } from 'node:module';
-import { fileURLToPath } from 'node:url';
+// CommonJS (bin/package.json says so): Node's ES module loader would add its own start-up.
+'use strict';
+const fs = require('node:fs');
+const path = require('node:path');
+const vm = require('node:vm');
+const { createRequire, Module } = require('node:module');
 
 // File I/O runs on libuv's threadpool; size it for several requests in flight
 // (must happen before the first asynchronous file operation).
 process.env.UV_THREADPOOL_SIZE ??= '16';
 
-const bundle = fileURLToPath(new URL('../dist/cli.cjs', import.meta.url));
+const bundle = path.join(__dirname, '..', 'dist', 'cli.cjs');
 
 function fail(err) {
   process.stderr.write(`qimg: ${err && err.message ? err.message : err}\n`);
