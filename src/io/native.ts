@@ -1,5 +1,6 @@
 /**
- * libc calls Node does not expose (lseek with SEEK_DATA/SEEK_HOLE, fallocate), through
+ * libc calls Node does not expose (lseek with SEEK_DATA/SEEK_HOLE, fallocate, a buffer's
+ * address), through
  * koffi. Loaded on first use only, so commands that never need them start fast. When
  * koffi cannot load (another platform, or QIMG_NO_NATIVE=1 to exercise the fallback),
  * `native()` returns null and callers use their portable paths.
@@ -11,6 +12,8 @@ export interface NativeLibc {
   lseek(fd: number, offset: number, whence: number): number;
   /** fallocate(2); returns 0 or -errno. */
   fallocate(fd: number, mode: number, offset: number, length: number): number;
+  /** The memory address of a buffer's first byte. */
+  address(buf: Buffer): number;
 }
 
 export const SEEK_END = 2;
@@ -42,6 +45,9 @@ export function native(): NativeLibc | null {
       fallocate(fd, mode, offset, length) {
         const r = fallocate(fd, mode, offset, length) as number;
         return r < 0 ? -errno() : 0;
+      },
+      address(buf) {
+        return Number(koffi.address(buf));
       },
     };
   } catch {

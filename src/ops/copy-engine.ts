@@ -7,6 +7,7 @@
  */
 import type { BlockImage, Extent } from '../core/block-image.js';
 import { extentAt } from '../core/block-status.js';
+import { allocIoBuffer } from '../io/buffers.js';
 
 export interface CopyOptions {
   /** zero runs of at least this many bytes are not written as data; 0 = write everything */
@@ -124,7 +125,14 @@ export async function copyImages(sources: BlockImage[], target: BlockImage, opts
   opts.onProgress?.(0, total);
 
   const pool: Buffer[] = [];
-  const takeBuffer = () => pool.pop() ?? Buffer.allocUnsafe(CHUNK);
+  const ours = new WeakSet<ArrayBufferLike>();
+  const takeBuffer = () => {
+    const reused = pool.pop();
+    if (reused) return reused;
+    const fresh = allocIoBuffer(CHUNK);
+    ours.add(fresh.buffer);
+    return fresh;
+  };
 
   /** Writes one item whose data (if any) has been read. */
   const writeItem = async (item: Item, data: Buffer | null): Promise<void> => {
@@ -150,7 +158,7 @@ export async function copyImages(sources: BlockImage[], target: BlockImage, opts
     return item.src.read(item.srcOffset, buf).then(() => buf);
   };
   const release = (buf: Buffer | null) => {
-    if (buf && buf.buffer.byteLength === CHUNK && pool.length < parallel + 1) pool.push(Buffer.from(buf.buffer, buf.byteOffset, CHUNK));
+    if (buf && ours.has(buf.buffer) && pool.length < parallel + 1) pool.push(Buffer.from(buf.buffer, buf.byteOffset, CHUNK));
   };
 
   if (opts.outOfOrder) {
@@ -249,9 +257,10 @@ async function writeWithZeroDetection(
   let i = 0;
   while (i < data.length) {
     const len = Math.min(unit - ((offset + i) % unit), data.length - i);
-    const block = data.subarray(i, i + len);
-    // Only whole units count as zero runs; partial units at the edges are data.
-    const zero = len === unit && block.equals(zeroUnit);
+    // Only whole units count as zero runs; partial units at the edges are data. A
+    // nonzero first or last byte settles most data units without a compare (and
+    // without a subarray object per unit).
+    const zero = len === unit && data[i] === 0 && data[i + len - 1] === 0 && data.subarray(i, i + len).equals(zeroUnit);
     if (runIsZero === null) runIsZero = zero;
     else if (zero !== runIsZero) {
       await flush(runStart, i, runIsZero);
