@@ -115,9 +115,9 @@ export async function convert(req: ConvertRequest): Promise<void> {
       targetIsZero: !req.noCreate ? req.backingFile === undefined : !!req.targetIsZero,
       topOnly: req.backingFile !== undefined,
       parallel: req.parallel ?? 8,
-      // A raw target has no layout to keep in order (every byte has its place), so its
-      // writes go out as their reads complete, several at a time, as with qemu-img -W.
-      outOfOrder: req.outOfOrder || target.format === 'raw',
+      // In order unless -W, for raw targets too: with the page cache cold, reads in
+      // offset order beat completion order (measured on 1 GiB qcow2/vhdx → raw).
+      outOfOrder: req.outOfOrder,
       targetGranularity: target.allocationUnit,
       onProgress: req.onProgress,
       // only a new target (qemu-img's target_backing_sectors is unknown with -n)
