@@ -17,7 +17,7 @@ export interface CompressingWriter {
 }
 
 /** Bytes of queued clusters before write() waits (bounds memory). */
-const MAX_QUEUED = 8 * 1024 * 1024;
+const MAX_QUEUED = 5 * 1024 * 1024;
 
 export interface CompressingWriterOptions {
   /** whole clusters of zeros are skipped instead of compressed (-S other than 0), as qemu-img does */

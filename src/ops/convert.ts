@@ -114,7 +114,9 @@ export async function convert(req: ConvertRequest): Promise<void> {
       sparseSize: req.sparseSize ?? 4096,
       targetIsZero: !req.noCreate ? req.backingFile === undefined : !!req.targetIsZero,
       topOnly: req.backingFile !== undefined,
-      parallel: req.parallel ?? 8,
+      // Compression is the bottleneck of -c: reading further ahead than the workers
+      // can take only holds more buffers (peak memory), so -c reads 4 ahead unless -m says.
+      parallel: req.parallel ?? (req.compress || target.compressesAllWrites ? 4 : 8),
       // In order unless -W, for raw targets too: with the page cache cold, reads in
       // offset order beat completion order (measured on 1 GiB qcow2/vhdx → raw).
       outOfOrder: req.outOfOrder,
