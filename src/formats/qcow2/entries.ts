@@ -49,6 +49,11 @@ export interface Run {
   compressed?: { hostOffset: number; size: number };
 }
 
+/** A big-endian 32-bit word (Buffer.readUInt32BE validates its arguments on every call: slow in the L2 walks). */
+function u32(b: Buffer, at: number): number {
+  return ((b[at] << 24) | (b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3]) >>> 0;
+}
+
 /** Bits 9..55 of an entry as a bigint (for messages about offsets qimg cannot hold). */
 function rawOffset(hi: number, lo: number): bigint {
   return (BigInt(hi & OFFSET_MASK_HI) << 32n) | BigInt((lo & OFFSET_MASK_LO) >>> 0);
@@ -144,8 +149,22 @@ export function lookupRun(
     }
     let length = cs - inCluster;
     let nextHost = first.hostOffset !== undefined ? first.hostOffset + cs : undefined;
+    // Fast paths on the raw words (no decoding, no object per entry): an entry equal to
+    // a first one without a host cluster decodes the same way, and so does one with the
+    // first's flags whose offset is the next contiguous host cluster.
+    const firstHi = u32(l2, index * 8);
+    const firstLo = u32(l2, index * 8 + 4);
+    const flagsHi = firstHi & ~OFFSET_MASK_HI;
+    const flagsLo = firstLo & ~OFFSET_MASK_LO;
     while (length < limit) {
       index++;
+      const hi = u32(l2, index * 8);
+      const lo = u32(l2, index * 8 + 4);
+      if (nextHost === undefined ? hi === firstHi && lo === firstLo : (hi & ~OFFSET_MASK_HI) === flagsHi && (lo & ~OFFSET_MASK_LO) === flagsLo && (hi & OFFSET_MASK_HI) < 0x200000 && (hi & OFFSET_MASK_HI) * 0x100000000 + ((lo & OFFSET_MASK_LO) >>> 0) === nextHost) {
+        if (nextHost !== undefined) nextHost += cs;
+        length += cs;
+        continue;
+      }
       const e = decodeCluster(l2, l2Offset, index, g, file);
       if (e.type !== first.type) break;
       if (nextHost !== undefined) {
@@ -217,8 +236,8 @@ interface ClusterEntry {
 
 /** A standard (64-bit) L2 entry. */
 export function decodeCluster(l2: Buffer, l2Offset: number, index: number, g: Geometry, file: string): ClusterEntry {
-  const hi = l2.readUInt32BE(index * 8);
-  const lo = l2.readUInt32BE(index * 8 + 4);
+  const hi = u32(l2, index * 8);
+  const lo = u32(l2, index * 8 + 4);
   if (hi & OFLAG_COMPRESSED_HI) {
     if (g.hasDataFile) throw invalidEntry(file, l2Offset, index);
     return { type: Sub.Compressed, compressed: readDescriptor(hi, lo, g.clusterBits) };
