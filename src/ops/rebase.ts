@@ -7,6 +7,7 @@
 import type { BlockImage } from '../core/block-image.js';
 import { QimgError } from '../core/errors.js';
 import { openImage, resolveRelative } from '../core/open.js';
+import { allocIoBuffer } from '../io/buffers.js';
 
 export interface RebaseOptions {
   format?: string;
@@ -52,8 +53,8 @@ export async function rebaseImage(filename: string, opts: RebaseOptions): Promis
 async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: RebaseOptions): Promise<void> {
   const size = img.virtualSize;
   const unit = img.compression?.clusterSize ?? img.allocationUnit;
-  const oldBuf = Buffer.allocUnsafe(CHUNK);
-  const newBuf = Buffer.allocUnsafe(CHUNK);
+  const oldBuf = allocIoBuffer(CHUNK);
+  const newBuf = allocIoBuffer(CHUNK);
   // Past the end of the old backing file the image read zeros: as qemu-img, differences
   // there are written as zeros (zero clusters), not as zero-filled data.
   const oldSize = img.backing?.virtualSize ?? 0;
@@ -69,24 +70,34 @@ async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: 
       await img.read(pos, a);
       await readOrZero(fresh, pos, b);
       if (!a.equals(b)) {
-        // Copy unit by unit so that only differing units get allocated.
+        // Only differing units get allocated; runs of them go out as one request.
+        const compress = opts.compress && img.compression && img.writeCompressed;
+        let runStart = -1;
+        const flushRun = async (end: number) => {
+          if (runStart < 0) return;
+          const start = pos + runStart;
+          if (oldIsZero) await img.writeZeroes(start, end - runStart);
+          else await img.write(start, Buffer.from(a.subarray(runStart, end)));
+          runStart = -1;
+        };
         for (let p = 0; p < n; ) {
           const start = pos + p;
           const len = Math.min(unit - (start % unit), n - p);
-          if (!a.subarray(p, p + len).equals(b.subarray(p, p + len))) {
-            if (oldIsZero) {
-              await img.writeZeroes(start, len);
-            } else if (opts.compress && img.compression && img.writeCompressed && start % unit === 0 && len === unit) {
-              const { compressUnit } = await import('./compress-one.js');
-              const c = compressUnit(img.compression.algorithm, a.subarray(p, p + len), unit, img.compression.alwaysCompressed);
-              if (c) await img.writeCompressed(start, c);
-              else await img.write(start, Buffer.from(a.subarray(p, p + len)));
-            } else {
-              await img.write(start, Buffer.from(a.subarray(p, p + len)));
-            }
+          const differs = !a.subarray(p, p + len).equals(b.subarray(p, p + len));
+          if (differs && compress && !oldIsZero && start % unit === 0 && len === unit) {
+            await flushRun(p);
+            const { compressUnit } = await import('./compress-one.js');
+            const c = compressUnit(img.compression!.algorithm, a.subarray(p, p + len), unit, img.compression!.alwaysCompressed);
+            if (c) await img.writeCompressed!(start, c);
+            else await img.write(start, Buffer.from(a.subarray(p, p + len)));
+          } else if (differs) {
+            if (runStart < 0) runStart = p;
+          } else {
+            await flushRun(p);
           }
           p += len;
         }
+        await flushRun(n);
       }
     }
     pos += n;

@@ -383,6 +383,22 @@ function generate(dir) {
 function workloads(dir) {
   const f = (n) => path.join(dir, n);
   const conv = (id, name, args, input, outFmt, target) => ({ id, name, kind: 'convert', args, input: f(input), outFmt, target });
+  // Rows that change images in place (commit, rebase): before every run, untimed, each
+  // tool gets fresh copies of sub.qcow2 (base) and top.qcow2 (its overlay, pointed at
+  // the copy); `result` names the image to compare between the tools afterwards.
+  const modify = (id, name, argsOf, result, target) => ({
+    id,
+    name,
+    kind: 'modify',
+    target,
+    prepare(tool) {
+      const work = { base: f(`work-${tool}-base.qcow2`), top: f(`work-${tool}-top.qcow2`) };
+      fs.copyFileSync(f('sub.qcow2'), work.base);
+      fs.copyFileSync(f('top.qcow2'), work.top);
+      sh('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', work.base, '-F', 'qcow2', work.top]);
+      return { args: argsOf(work), result: work[result], files: [work.base, work.top] };
+    },
+  });
   return [
     conv('raw-qcow2', 'raw→qcow2 (4G mixed)', ['convert', '-O', 'qcow2'], 'big.raw', 'qcow2', { ratio: 0.9 }),
     conv('qcow2-raw', 'qcow2→raw (4G mixed)', ['convert', '-O', 'raw'], 'big.qcow2', 'raw', { ratio: 0.9 }),
@@ -396,6 +412,8 @@ function workloads(dir) {
     conv('vdi-qcow2', 'vdi→qcow2 (1G)', ['convert', '-O', 'qcow2'], 'sub.vdi', 'qcow2', { ratio: 0.9 }),
     conv('vpc-qcow2', 'vhd (vpc)→qcow2 (1G)', ['convert', '-O', 'qcow2'], 'sub.vhd', 'qcow2', { ratio: 0.9 }),
     conv('empty-raw', 'qcow2→raw (64G almost empty)', ['convert', '-O', 'raw'], 'empty.qcow2', 'raw', { node: 1.3 }),
+    modify('commit', 'commit top into base (1G, ~10 % in top)', (work) => ['commit', '-q', work.top], 'base', { ratio: 0.9 }),
+    modify('rebase', "rebase -b '' (safe: base's data into the top, 1G)", (work) => ['rebase', '-f', 'qcow2', '-b', '', work.top], 'top', { ratio: 0.9 }),
     { id: 'info', name: 'info (4G qcow2)', kind: 'meta', args: ['info', f('big.qcow2')], target: { node: 1.3 } },
     { id: 'map', name: 'map --output=json (4G qcow2)', kind: 'meta', args: ['map', '--output=json', f('big.qcow2')], target: { node: 1.3 } },
   ];
@@ -409,6 +427,14 @@ function toolCmd(tool, args) {
 function verify(w, qimgRes, qemuRes, outQ, outE, notes) {
   if (!qimgRes.ok) return `qimg failed: ${qimgRes.error}`;
   if (!qemuRes.ok) return `qemu-img failed: ${qemuRes.error}`;
+  if (w.kind === 'modify') {
+    // outQ/outE: the images each tool changed
+    const c = sh('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', outE, outQ], { allowFail: true });
+    if (c.status !== 0) return `compare: ${(c.stdout + c.stderr).trim().split('\n')[0] || `exit ${c.status}`}`;
+    const k = sh('qemu-img', ['check', '-f', 'qcow2', outQ], { allowFail: true });
+    if (k.status !== 0) return `check exit ${k.status}: ${(k.stdout + k.stderr).trim().split('\n').slice(-1)[0]}`;
+    return null;
+  }
   if (w.kind === 'convert') {
     const fmt = w.outFmt;
     const c = sh('qemu-img', ['compare', '-f', fmt, '-F', fmt, outE, outQ], { allowFail: true });
@@ -464,9 +490,11 @@ function runWorkload(w, dir) {
   let outputs = null;
   const notes = [];
 
+  const prepared = {};
   const once = (tool, capture) => {
     if (w.kind === 'convert') rmf(outOf(tool));
-    const [cmd, args] = toolCmd(tool, argsFor(tool));
+    if (w.prepare) prepared[tool] = w.prepare(tool);
+    const [cmd, args] = toolCmd(tool, prepared[tool]?.args ?? argsFor(tool));
     const r = timed(cmd, args, { captureStdout: capture, cold });
     if (r.rssKiB != null) rss[tool].push(r.rssKiB);
     return r;
@@ -477,8 +505,16 @@ function runWorkload(w, dir) {
       rmf(outOf('qemu-img'));
       sh('sync', []);
     }
+    if (w.prepare) {
+      for (const p of Object.values(prepared)) for (const file of p.files) rmf(file);
+      sh('sync', []);
+    }
   };
   const verifyPair = (rq, re) => {
+    if (w.prepare) {
+      failure = verify(w, rq, re, prepared.qimg.result, prepared['qemu-img'].result, notes);
+      return;
+    }
     failure = verify(w, rq, re, outOf('qimg'), outOf('qemu-img'), notes);
     if (w.kind === 'convert') outputs = { qimg: allocated(outOf('qimg')), 'qemu-img': allocated(outOf('qemu-img')) };
   };
