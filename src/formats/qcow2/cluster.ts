@@ -140,7 +140,18 @@ export class ClusterWriter {
           storeEntry(slot.table, index, false, { ...e, ...hostEntry(host, true) });
           this.img.markL2Dirty(slot);
         } else {
-          await this.img.dataTarget.write(data.subarray(pos - offset, pos - offset + n), host + (pos - clusterStart));
+          // Following clusters that are allocated right after this one on the host go
+          // out in the same request (commit and convert -n overwrite long runs).
+          let runEnd = Math.min(end, clusterStart + cs);
+          for (let k = 1; runEnd < end && index + k < this.g.l2Entries; k++) {
+            const next = rawEntry(slot.table, index + k, false);
+            if ((next.hi & COPIED) === 0 || hostOf(next) !== host + k * cs) break;
+            if (decodeCluster(slot.table, slot.offset, index + k, this.g, this.img.filename).type !== Sub.Normal) break;
+            runEnd = Math.min(end, clusterStart + (k + 1) * cs);
+          }
+          await this.img.dataTarget.write(data.subarray(pos - offset, runEnd - offset), host + (pos - clusterStart));
+          pos = runEnd;
+          continue;
         }
         pos += n;
         continue;
