@@ -1,13 +1,15 @@
 /** Turning any failure into qemu-img's shape: one line on stderr and an exit code. */
 import { QimgError, describeSystemError } from '../core/errors.js';
+import { programName } from '../core/program-name.js';
 
 export function formatError(err: unknown, fallbackFile?: string): { line: string; code: number } {
   if (err instanceof QimgError) {
     const file = err.file ?? (err instanceof UsageError ? undefined : fallbackFile);
-    return { line: file && !err.message.includes(`'${file}'`) ? `qimg: ${file}: ${err.message}` : `qimg: ${err.message}`, code: err.exitCode };
+    const me = programName();
+    return { line: file && !err.message.includes(`'${file}'`) ? `${me}: ${file}: ${err.message}` : `${me}: ${err.message}`, code: err.exitCode };
   }
   const msg = describeSystemError(err);
-  return { line: fallbackFile ? `qimg: ${fallbackFile}: ${msg}` : `qimg: ${msg}`, code: 1 };
+  return { line: fallbackFile ? `${programName()}: ${fallbackFile}: ${msg}` : `${programName()}: ${msg}`, code: 1 };
 }
 
 export function reportError(err: unknown, fallbackFile?: string): number {
@@ -26,5 +28,5 @@ export class UsageError extends QimgError {
 
 /** A warning line as qemu-img prints it ("qemu-img: warning: ..."), on stderr. */
 export function warn(message: string): void {
-  process.stderr.write(`qimg: warning: ${message}\n`);
+  process.stderr.write(`${programName()}: warning: ${message}\n`);
 }

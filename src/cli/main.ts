@@ -3,6 +3,7 @@ import { registerFormats } from '../formats/index.js';
 import type { Command } from 'commander';
 import { buildProgram, isCommanderError } from './program.js';
 import { reportError } from './errors.js';
+import { programName, setProgramName } from '../core/program-name.js';
 
 export async function main(argv: string[]): Promise<void> {
   // Last resort: a failure nothing awaited still ends in one line, never a stack trace.
@@ -10,11 +11,12 @@ export async function main(argv: string[]): Promise<void> {
     reportError(err);
     process.exit(1);
   });
+  setProgramName(argv[1]);
   registerFormats();
   const result = { code: 0 };
   const program = buildProgram(result);
   if (argv.length <= 2) {
-    process.stderr.write("qimg: Not enough arguments\nTry 'qimg --help' for more information\n");
+    process.stderr.write(`${programName()}: Not enough arguments\nTry '${programName()} --help' for more information\n`);
     process.exitCode = 1;
     return;
   }

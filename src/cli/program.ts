@@ -13,6 +13,7 @@ import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
 import { registerCheck } from './commands/check.js';
 import { reportError } from './errors.js';
+import { programName } from '../core/program-name.js';
 
 export const VERSION = '0.1.0';
 
@@ -23,7 +24,7 @@ export interface RunResult {
 export function buildProgram(result: RunResult): Command {
   const program = new Command();
   program
-    .name('qimg')
+    .name(programName())
     .description('qimg: a disk image tool for raw and qcow2 images, a drop-in for qemu-img')
     .version(`qimg version ${VERSION}`, '-V, --version')
     .option('--untrusted', 'the images come from an untrusted source: refuse backing and data files outside their directory (or QIMG_UNTRUSTED=1)')
@@ -32,10 +33,10 @@ export function buildProgram(result: RunResult): Command {
     })
     .exitOverride()
     .configureOutput({
-      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `qimg: ${qemuUsageMessage(s.slice(7))}` : s),
+      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `${programName()}: ${qemuUsageMessage(s.slice(7))}` : s),
     })
     .showSuggestionAfterError(false)
-    .showHelpAfterError("Try 'qimg --help' for more information")
+    .showHelpAfterError(`Try '${programName()} --help' for more information`)
     .allowExcessArguments(false);
 
   /** Runs one command body, mapping its failures to qemu-img's exit codes. */

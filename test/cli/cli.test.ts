@@ -5,10 +5,10 @@
  * qemu-img is the oracle wherever it has the same feature.
  */
 import { describe, expect, it, afterAll } from 'vitest';
-import { chmodSync, closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, symlinkSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { IMAGES_DIR } from '../helpers/fixtures.js';
-import { ROOT, ok, qemuAvailable, qemuImg, qemuIo, qimg, sha256File, tempDir, type RunResult } from '../helpers/qemu.js';
+import { QIMG, ROOT, ok, qemuAvailable, qemuImg, qemuIo, qimg, run, sha256File, tempDir, type RunResult } from '../helpers/qemu.js';
 
 const enabled = qemuAvailable();
 const tmp = tempDir('qimg-cli-');
@@ -49,6 +49,21 @@ function makeFile(name: string, size: number, writes: Array<[number, number]> = 
 }
 
 describe('global options and usage errors', () => {
+  it('run through a link named qemu-img, messages carry that name (as a script expects)', () => {
+    const link = join(tmp.path, 'links', 'qemu-img');
+    mkdirSync(join(tmp.path, 'links'), { recursive: true });
+    symlinkSync(QIMG, link);
+    const viaLink = (args: string[]) => run(process.execPath, [link, ...args]);
+    const missing = join(tmp.path, 'no-such-image');
+    const r = viaLink(['info', missing]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toBe(`qemu-img: Could not open '${missing}': No such file or directory\n`);
+    expect(viaLink(['info', '--bogus', missing]).stderr).toBe("qemu-img: unrecognized option '--bogus'\nTry 'qemu-img --help' for more information\n");
+    expect(viaLink([]).stderr).toBe("qemu-img: Not enough arguments\nTry 'qemu-img --help' for more information\n");
+    // under its own name it stays qimg
+    expect(qimg(['info', missing]).stderr).toBe(`qimg: Could not open '${missing}': No such file or directory\n`);
+  });
+
   it('--help exits 0 and lists the commands', () => {
     for (const flag of ['--help', '-h']) {
       const r = qimg([flag]);

@@ -6,6 +6,7 @@ import { compareImages } from '../../ops/compare.js';
 import { formatError } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
 import { writeOut } from './common.js';
+import { programName } from '../../core/program-name.js';
 
 export function registerCompare(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
   program
@@ -43,7 +44,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
           // lines, with a bare newline, and does not jump to 100% when images differ.
           const plain = mode === 'auto' && !process.stderr.isTTY;
           if (!plain) progress.finish();
-          if (result.error) process.stderr.write(`qimg: ${result.error}\n`);
+          if (result.error) process.stderr.write(`${programName()}: ${result.error}\n`);
           if (!opts.quiet) await writeOut(result.lines.map((l) => l + '\n').join(''));
           if (plain) {
             if (result.code === 0) progress.finish();

@@ -10,6 +10,7 @@ import { newGuid, ZERO_GUID } from './format.js';
 import { updateHeaders } from './image.js';
 import { replaySequence } from './log.js';
 import { activeLogLocation, checkBatEntries, checkSignature, currentHeader, pendingLog, readBat, readHeaders, readMeta, readOnlyLogError } from './open.js';
+import { programName } from '../../core/program-name.js';
 
 export async function checkVhdx(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts> {
   const counts: ImageCheckCounts = emptyCheckCounts();
@@ -28,7 +29,7 @@ export async function checkVhdx(filename: string, opts: FormatCheckOptions): Pro
     const meta = await readMeta(file, hs);
     const bat = await readBat(file, meta);
     counts.corruptions = checkBatEntries(meta, bat, file.size, (msg) => {
-      opts.log(`qimg: ${msg}`);
+      opts.log(`${programName()}: ${msg}`);
       return true;
     });
     return counts;
