@@ -163,8 +163,7 @@ async function openArchiveMember(
   if (options.writable) throw new QimgError(`Could not open '${archive}/${member}': members of an archive are read-only`, { file: archive });
   const file = await ImageFile.open(archive, { writable: false, lock: options.forceShare ? 'none' : 'read' });
   try {
-    const head = await file.readBytes(0, Math.min(PROBE_BYTES, Math.max(file.size, 0)));
-    const driver = probeDriver(head, archive);
+    const driver = probeDriver(await probeHead(file), archive);
     if (!driver.archive) throw new QimgError(`Could not open '${archive}/${member}': Not a directory`, { file: archive });
     // -f names the member's format, not the archive's
     return await openOnHost(file, driver, { ...options, memberFormat: format }, [...chain, real], member);
@@ -172,6 +171,17 @@ async function openArchiveMember(
     await file.close().catch(() => undefined);
     throw err;
   }
+}
+
+/**
+ * What the probes see: as qemu, the first 2 KiB, zeros past the end of a shorter file
+ * (a truncated header still probes as its format and then fails on its own terms); an
+ * empty file gives an empty buffer (raw).
+ */
+async function probeHead(host: HostFile): Promise<Buffer> {
+  const head = Buffer.alloc(host.size > 0 ? PROBE_BYTES : 0);
+  if (head.length > 0) await host.read(head, 0);
+  return head;
 }
 
 /** Opens `host` with `driver` (or the probed driver); `chain` already holds this image. */
@@ -183,8 +193,7 @@ async function openOnHost(
   member?: string,
 ): Promise<BlockImage> {
   if (!driver) {
-    const head = await host.readBytes(0, Math.min(PROBE_BYTES, Math.max(host.size, 0)));
-    driver = probeDriver(head, host.path);
+    driver = probeDriver(await probeHead(host), host.path);
   }
   const ctx: OpenContext = {
     options,
