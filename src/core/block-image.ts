@@ -2,6 +2,18 @@
  * The BlockImage interface: every opened image (raw file, qcow2 layer, ...) is one
  * object with this shape. Operations (convert, map, compare, ...) speak only this.
  */
+import { QimgError } from './errors.js';
+
+/**
+ * The check every driver's write paths start with: the image was opened for writing
+ * and [offset, offset+length) lies inside the disk.
+ */
+export function assertWritableRange(img: { readonly filename: string; readonly virtualSize: number }, writable: boolean, offset: number, length: number): void {
+  if (!writable) throw new QimgError('image is opened read-only', { file: img.filename });
+  if (offset < 0 || length < 0 || offset + length > img.virtualSize) {
+    throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: img.filename });
+  }
+}
 
 /**
  * What one layer says about the range starting at an offset: qemu's block status

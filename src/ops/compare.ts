@@ -6,6 +6,7 @@
 import type { BlockImage, Extent } from '../core/block-image.js';
 import { extentAt } from '../core/block-status.js';
 import { describeSystemError } from '../core/errors.js';
+import { allocIoBuffer } from '../io/buffers.js';
 
 const IO_BUF = 2 * 1024 * 1024;
 const SECTOR = 512;
@@ -51,8 +52,8 @@ export async function compareImages(
   const common = Math.min(sizeA, sizeB);
   const total = Math.max(sizeA, sizeB);
   const lines: string[] = [];
-  const bufA = Buffer.allocUnsafe(IO_BUF);
-  const bufB = Buffer.allocUnsafe(IO_BUF);
+  const bufA = allocIoBuffer(IO_BUF);
+  const bufB = allocIoBuffer(IO_BUF);
   opts.onProgress?.(0, total);
   if (opts.strict && sizeA !== sizeB) return { code: 1, lines: ['Strict mode: Image size mismatch!'] };
 

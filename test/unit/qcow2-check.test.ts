@@ -21,6 +21,7 @@ import { checkHuman, checkJson, printf2f } from '../../src/cli/commands/check.js
 import { checkExitCode, type ImageCheck } from '../../src/ops/check.js';
 import { prettyJson } from '../../src/cli/output/json.js';
 import { FIXTURES_DIR } from '../helpers/fixtures.js';
+import { emptyCheckCounts } from '../../src/core/driver.js';
 
 const tmp = mkdtempSync(join(tmpdir(), 'qimg-check-unit-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
@@ -116,16 +117,7 @@ describe('output formatting', () => {
   });
 
   const result = (over: Partial<ImageCheck>): ImageCheck => ({
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
+    ...emptyCheckCounts(),
     filename: 'x.qcow2',
     format: 'qcow2',
     ...over,

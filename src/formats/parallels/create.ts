@@ -1,6 +1,4 @@
 /** `create -f parallels`: qemu's validation order and messages, its header and layout. */
-import { open, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
 import { FILE_PROTOCOL_OPTIONS, type OptionSpec, type OptionValue, type ParsedOptions } from '../../core/options.js';
 import { QimgError, describeSystemError } from '../../core/errors.js';
 import { native } from '../../io/native.js';
@@ -12,6 +10,7 @@ import {
   batEntryOffset,
   serializeHeader,
 } from './header.js';
+import { writeNewFile } from '../../io/new-file.js';
 
 export const parallelsCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -64,13 +63,7 @@ export async function createParallels(path: string, size: number, options: Map<s
     flags: 0,
     extOff: 0n,
   });
-  let handle;
-  try {
-    handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  try {
+  await writeNewFile(path, async (handle) => {
     // header sector, then a zeroed BAT up to the cluster-aligned data area
     const first = Buffer.alloc(SECTOR_SIZE);
     header.copy(first);
@@ -80,10 +73,5 @@ export async function createParallels(path: string, size: number, options: Map<s
     // qemu zeroes the BAT area with allocated zeros (its disk size counts them)
     if (end > SECTOR_SIZE) native()?.fallocate(handle.fd, 0, SECTOR_SIZE, end - SECTOR_SIZE);
     await handle.datasync();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
-    throw new QimgError(`Failed to create Parallels image: ${describeSystemError(err)}`, { cause: err });
-  }
-  await handle.close();
+  }, (err) => new QimgError(`Failed to create Parallels image: ${describeSystemError(err)}`, { cause: err }));
 }

@@ -3,7 +3,7 @@
  * end of the data area for writes, and the in_use flag as qemu handles it (set on
  * read-write open, cleared on clean close; a set flag refuses read-write opens).
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import type { HostFile } from '../../io/host.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
@@ -154,10 +154,7 @@ export class ParallelsImage implements BlockImage {
   }
 
   private checkWrite(offset: number, length: number): void {
-    if (this.readOnly) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, !this.readOnly, offset, length);
   }
 
   /**

@@ -3,8 +3,6 @@
  * images are refused for reading as QEMU refuses them without a key; `info` works),
  * create with qemu-img's options and messages, convert -c. QEMU has no check for it.
  */
-import { open as openFile, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
 import type { BlockImage } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { QimgError, describeSystemError } from '../../core/errors.js';
@@ -13,6 +11,7 @@ import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.
 import type { HostFile } from '../../io/host.js';
 import { parseQcowHeader, probeQcow, QCOW_CRYPT_NONE, QCOW_HEADER_BYTES, serializeQcowHeader, type QcowHeader } from './header.js';
 import { QcowImage } from './image.js';
+import { writeNewFile } from '../../io/new-file.js';
 
 /** `qemu-img create -f qcow -o help`, in its order. */
 export const qcowCreateOptions: readonly OptionSpec[] = [
@@ -97,13 +96,7 @@ async function createQcow(path: string, size: number, o: Map<string, OptionValue
     l1TableOffset: headerSize,
     l1Size,
   };
-  let handle;
-  try {
-    handle = await openFile(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  try {
+  await writeNewFile(path, async (handle) => {
     // The L1 table in whole sectors of zeros, as QEMU writes it; the header last.
     const l1Bytes = Math.ceil((l1Size * 8) / 512) * 512;
     const chunk = Buffer.alloc(Math.min(l1Bytes, 4 * 1024 * 1024));
@@ -114,12 +107,7 @@ async function createQcow(path: string, size: number, o: Map<string, OptionValue
     const head = Buffer.concat([serializeQcowHeader(h), nameBytes]);
     await handle.write(head, 0, head.length, 0);
     await handle.datasync();
-    await handle.close();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
-    throw new QimgError(describeSystemError(err), { cause: err });
-  }
+  }, (err) => new QimgError(describeSystemError(err), { cause: err }));
 }
 
 function describeQcowCreate(size: bigint, o: ParsedOptions): string {

@@ -4,7 +4,7 @@
  * Writes allocate at the end of the file; data reaches the disk before the L2 entry
  * that points at it, and a new L2 table before its L1 entry.
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { joinBackingName } from '../../core/open.js';
 import { Mutex } from '../../core/mutex.js';
@@ -186,10 +186,7 @@ export class QcowImage implements BlockImage {
   }
 
   private assertWritable(offset: number, length: number): void {
-    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, this.file.writable, offset, length);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {

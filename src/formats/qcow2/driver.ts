@@ -3,7 +3,7 @@
  * external data file, backing file), answers block status from L1/L2 metadata and
  * reads guest data through L2 lookups, compressed clusters and the backing chain.
  */
-import type { BlockImage, ImageInfo, LayerStatus, SnapshotInfo } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus, type SnapshotInfo } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { CorruptImageError, QimgError, UnsupportedError } from '../../core/errors.js';
 import { joinBackingName, resolveRelative, type OpenContext } from '../../core/open.js';
@@ -186,10 +186,7 @@ export class Qcow2Image implements BlockImage {
 
   private assertWritable(offset: number, length: number): void {
     if (this.switched) throw new QimgError('image metadata was replaced; reopen the image to write', { file: this.filename });
-    if (!this.file.writable || this.isView) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, this.file.writable && !this.isView, offset, length);
   }
 
   /**

@@ -4,7 +4,7 @@
  * aligned; unreferenced clusters are leaks. Repairing clears invalid entries (QEMU
  * repairs errors whichever -r level is asked) and marks the image clean; leaks stay.
  */
-import type { ImageCheckCounts } from '../../core/driver.js';
+import { emptyCheckCounts, type ImageCheckCounts } from '../../core/driver.js';
 import type { HostFile } from '../../io/host.js';
 import { isClusterOffsetValid, isTableOffsetValid, QED_F_NEED_CHECK, serializeQedHeader, type QedBounds, type QedHeader } from './header.js';
 import { setTableEntry, tableEntry } from './tables.js';
@@ -22,18 +22,7 @@ export async function checkQedFile(file: HostFile, h: QedHeader, l1: Buffer, fix
   const nelems = tableBytes / 8;
   const nclusters = clusterIndex(fileSize, cs);
   const used = new Uint8Array(Math.ceil(nclusters / 8) + 1);
-  const r: ImageCheckCounts = {
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: Math.ceil(h.imageSize / cs),
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-  };
+  const r: ImageCheckCounts = { ...emptyCheckCounts(), totalClusters: Math.ceil(h.imageSize / cs) };
   /** Marks n clusters from `offset` referenced; false when one already was. */
   const setUsed = (offset: number, n: number): boolean => {
     let clean = true;

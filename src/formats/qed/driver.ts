@@ -3,8 +3,6 @@
  * a consistency check before writing to an image flagged QED_F_NEED_CHECK), create
  * with qemu-img's options and messages, and `check`.
  */
-import { open as openFile, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
 import type { BlockImage } from '../../core/block-image.js';
 import type { FormatCheckOptions, FormatDriver, ImageCheckCounts } from '../../core/driver.js';
 import { QimgError, describeSystemError } from '../../core/errors.js';
@@ -35,6 +33,7 @@ import {
   type QedHeader,
 } from './header.js';
 import { QedImage } from './image.js';
+import { writeNewFile } from '../../io/new-file.js';
 
 /** `qemu-img create -f qed -o help`, in its order. */
 export const qedCreateOptions: readonly OptionSpec[] = [
@@ -139,25 +138,14 @@ async function createQed(path: string, size: number, o: Map<string, OptionValue>
     header.backingFilenameSize = nameBytes.length;
     if (backingFmt === 'raw') header.features |= QED_F_BACKING_FORMAT_NO_PROBE;
   }
-  let handle;
-  try {
-    handle = await openFile(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  try {
+  await writeNewFile(path, async (handle) => {
     // The L1 table first, the header (which makes the file a QED image) last.
     const l1 = Buffer.alloc(clusterSize * tableSize);
     await handle.write(l1, 0, l1.length, clusterSize);
     const head = Buffer.concat([serializeQedHeader(header), nameBytes]);
     await handle.write(head, 0, head.length, 0);
     await handle.datasync();
-    await handle.close();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
-    throw new QimgError(describeSystemError(err), { cause: err });
-  }
+  }, (err) => new QimgError(describeSystemError(err), { cause: err }));
 }
 
 function describeQedCreate(size: bigint, o: ParsedOptions): string {

@@ -4,7 +4,7 @@
  * tables, then L1 entries, each made durable before the next; images without a
  * backing file also carry QED_F_NEED_CHECK while metadata is in flight, as QEMU does.
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { joinBackingName } from '../../core/open.js';
 import { Mutex } from '../../core/mutex.js';
@@ -159,10 +159,7 @@ export class QedImage implements BlockImage {
   }
 
   private assertWritable(offset: number, length: number): void {
-    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, this.file.writable, offset, length);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {

@@ -2,7 +2,7 @@
  * raw: the file is the disk. Block status comes from the file's holes
  * (SEEK_DATA/SEEK_HOLE); the virtual size is the file size rounded up to 512 bytes.
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import type { OpenContext } from '../../core/open.js';
 import type { OptionSpec } from '../../core/options.js';
@@ -10,10 +10,8 @@ import type { HostFile } from '../../io/host.js';
 import { alignUp } from '../../core/units.js';
 import { QimgError } from '../../core/errors.js';
 import { allocateFile, zeroFileRange } from '../../io/allocate.js';
-import { describeSystemError } from '../../core/errors.js';
-import { open, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
 import type { OptionValue } from '../../core/options.js';
+import { writeNewFile } from '../../io/new-file.js';
 
 export const rawCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -54,10 +52,7 @@ export class RawImage implements BlockImage {
   }
 
   private checkWrite(offset: number, length: number): void {
-    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, this.file.writable, offset, length);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
@@ -118,13 +113,7 @@ async function createRaw(path: string, size: number, options: Map<string, Option
   const prealloc = (options.get('preallocation') as string | undefined) ?? 'off';
   if (prealloc === 'metadata') throw new QimgError('Unsupported preallocation mode: metadata');
   if (!['off', 'falloc', 'full'].includes(prealloc)) throw new QimgError(`invalid parameter value: ${prealloc}`);
-  let handle;
-  try {
-    handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  try {
+  await writeNewFile(path, async (handle) => {
     await handle.truncate(size);
     if (prealloc === 'falloc') await allocateFile(handle.fd, size);
     if (prealloc === 'full') {
@@ -135,12 +124,7 @@ async function createRaw(path: string, size: number, options: Map<string, Option
     // so that `map` of a fresh image looks the same.
     if (prealloc !== 'full' && size > 0) await handle.write(Buffer.alloc(Math.min(4096, size)), 0, Math.min(4096, size), 0);
     await handle.datasync();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
-    throw err;
-  }
-  await handle.close();
+  });
 }
 
 export const rawDriver: FormatDriver = {

@@ -4,11 +4,10 @@
  * the header and a block map of unallocated entries; a static one maps every block
  * in order and reserves the data area (sparse, as QEMU's plain truncate).
  */
-import { open, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
-import { describeSystemError, QimgError } from '../../core/errors.js';
+import { QimgError } from '../../core/errors.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.js';
 import { newHeader, VDI_BLOCK_SIZE, VDI_DISK_SIZE_MAX, VDI_HEADER_SIZE, VDI_UNALLOCATED } from './header.js';
+import { writeNewFile } from '../../io/new-file.js';
 
 export const vdiCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -43,13 +42,7 @@ export async function createVdi(path: string, size: number, options: Map<string,
   const isStatic = options.get('static') === true;
   const { header, blocks, bmapBytes } = newHeader(size, isStatic);
 
-  let handle;
-  try {
-    handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  try {
+  await writeNewFile(path, async (handle) => {
     // The block map, written in slices so that a huge one never sits in memory whole.
     const slice = 1024 * 1024;
     for (let first = 0; first * 4 < bmapBytes; first += slice / 4) {
@@ -64,10 +57,5 @@ export async function createVdi(path: string, size: number, options: Map<string,
     // The header last: a crash leaves no file that looks like a finished image.
     await handle.write(header, 0, header.length, 0);
     await handle.datasync();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
-    throw err;
-  }
-  await handle.close();
+  });
 }

@@ -6,7 +6,7 @@
  * sectors — each durable before the next, so a crash can only leave a block that
  * nothing references yet.
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import type { HostFile } from '../../io/host.js';
@@ -132,10 +132,7 @@ export class VdiImage implements BlockImage {
   }
 
   private assertWritable(offset: number, length: number): void {
-    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, this.file.writable, offset, length);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {

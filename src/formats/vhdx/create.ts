@@ -5,10 +5,8 @@
  * payload block ZERO (block_state_zero=on, qemu's default) or NOT_PRESENT; fixed
  * images get the whole file and, without block_state_zero, FULLY_PRESENT blocks.
  */
-import { open, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
 import type { OptionSpec, OptionValue } from '../../core/options.js';
-import { QimgError, describeSystemError } from '../../core/errors.js';
+import { QimgError } from '../../core/errors.js';
 import {
   BAT_GUID,
   BLOCK_SIZE_MAX,
@@ -42,6 +40,7 @@ import {
   serializeRegionTable,
   setBatEntry,
 } from './format.js';
+import { writeNewFile } from '../../io/new-file.js';
 
 export const vhdxCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size; max of 64TB.' },
@@ -123,16 +122,10 @@ export function vhdxLayout(spec: VhdxCreateSpec) {
 /** Writes a new image to `path`. */
 export async function createVhdx(path: string, spec: VhdxCreateSpec): Promise<void> {
   const L = vhdxLayout(spec);
-  let handle;
-  try {
-    handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  const write = async (buf: Buffer, pos: number) => {
-    for (let done = 0; done < buf.length; ) done += (await handle.write(buf, done, buf.length - done, pos + done)).bytesWritten;
-  };
-  try {
+  await writeNewFile(path, async (handle) => {
+    const write = async (buf: Buffer, pos: number) => {
+      for (let done = 0; done < buf.length; ) done += (await handle.write(buf, done, buf.length - done, pos + done)).bytesWritten;
+    };
     await handle.truncate(spec.fixed ? L.dataOffset + spec.size : L.dataOffset);
 
     const id = Buffer.alloc(8 + 512);
@@ -210,10 +203,5 @@ export async function createVhdx(path: string, spec: VhdxCreateSpec): Promise<vo
     await write(serializeHeader(header), HEADER1_OFFSET);
     await write(serializeHeader({ ...header, sequenceNumber: seq + 1n }), HEADER2_OFFSET);
     await handle.datasync();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
-    throw err;
-  }
-  await handle.close();
+  });
 }

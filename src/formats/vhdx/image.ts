@@ -4,7 +4,7 @@
  * end of the file and commit BAT changes through the log on flush (data flushed
  * before any BAT entry points at it).
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import type { HostFile } from '../../io/host.js';
 import { QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
@@ -259,9 +259,7 @@ export class VhdxImage implements BlockImage {
   private assertWritable(offset: number, length: number): void {
     if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
     if (this.differencing) throw new QimgError('Writing to differencing VHDX images is not supported', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, true, offset, length);
   }
 
   private updateHeaders(change: HeaderChange): Promise<void> {

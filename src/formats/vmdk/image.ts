@@ -3,7 +3,7 @@
  * CIDs and parent hint, and the backing image (a VMware snapshot parent). Reads,
  * writes and block status are split at extent boundaries and handed to each extent.
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { joinBackingName } from '../../core/open.js';
@@ -153,10 +153,7 @@ export class VmdkImage implements BlockImage {
   }
 
   private checkWrite(offset: number, length: number): void {
-    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, this.file.writable, offset, length);
   }
 
   private streamOf(ext: SparseExtentRef): StreamWriter {

@@ -17,7 +17,10 @@ import { metadataMarker, serializeVmdk4Header, type Vmdk4Header } from './header
 import type { SparseExtentRef } from './open.js';
 import { zlib } from '../../core/lazy-builtins.js';
 
-const deflateAsync = (buf: Buffer, opts: { chunkSize: number }): Promise<Buffer> => promisify(zlib().deflate)(buf, opts) as Promise<Buffer>;
+/** zlib's deflate on the threadpool, promisified once zlib is first needed (per grain after that). */
+let deflatePromised: ((buf: Buffer, opts: { chunkSize: number }) => Promise<Buffer>) | undefined;
+const deflateAsync = (buf: Buffer, opts: { chunkSize: number }): Promise<Buffer> =>
+  (deflatePromised ??= promisify(zlib().deflate) as (buf: Buffer, opts: { chunkSize: number }) => Promise<Buffer>)(buf, opts);
 
 /** Bytes of grains waiting for compression or writing before write() waits. */
 const MAX_QUEUED = 4 * 1024 * 1024;

@@ -3,10 +3,8 @@
  * empty BAT, footer; 2 MiB blocks) or fixed (the data, then the footer), sized by the
  * CHS search unless force_size keeps the exact size (creator "qem2").
  */
-import { open, unlink } from 'node:fs/promises';
 import { crypto } from '../../core/lazy-builtins.js';
-import { constants } from 'node:fs';
-import { QimgError, describeSystemError } from '../../core/errors.js';
+import { QimgError } from '../../core/errors.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.js';
 import { newDiskSize } from './geometry.js';
 import {
@@ -23,6 +21,7 @@ import {
   VHD_TIMESTAMP_BASE,
   vhdChecksum,
 } from './structs.js';
+import { writeNewFile } from '../../io/new-file.js';
 
 export const vpcCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -87,13 +86,7 @@ export async function createVpc(path: string, spec: VpcSpec): Promise<void> {
   // qemu-img turns the driver's EFBIG into this message
   if (!sized) throw new QimgError("The image size is too large for file format 'vpc'");
   const footer = makeFooter(sized.totalSize, sized.geometry, spec.fixed ? VHD_FIXED : VHD_DYNAMIC, spec.forceSize);
-  let handle;
-  try {
-    handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  try {
+  await writeNewFile(path, async (handle) => {
     if (spec.fixed) {
       await handle.truncate(sized.totalSize + FOOTER_SIZE);
       await handle.write(footer, 0, FOOTER_SIZE, sized.totalSize);
@@ -117,10 +110,5 @@ export async function createVpc(path: string, spec: VpcSpec): Promise<void> {
       await handle.write(image, 0, image.length, 0);
     }
     await handle.datasync();
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
-    throw err;
-  }
-  await handle.close();
+  });
 }

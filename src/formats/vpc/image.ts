@@ -7,7 +7,7 @@
  * whole (qemu ignores the bitmap), an unallocated one reads as zeros. Only
  * differencing disks consult the bitmap (qemu 7.2 reads them as standalone disks).
  */
-import type { BlockImage, ImageInfo, LayerStatus } from '../../core/block-image.js';
+import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
 import { resolveRelative } from '../../core/open.js';
@@ -193,10 +193,7 @@ export class VpcImage implements BlockImage {
   // ------------------------------------------------------------------ writing
 
   private checkWrite(offset: number, length: number): void {
-    if (!this.file.writable) throw new QimgError('image is opened read-only', { file: this.filename });
-    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new QimgError(`write beyond the end of the image (offset ${offset}, length ${length})`, { file: this.filename });
-    }
+    assertWritableRange(this, this.file.writable, offset, length);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
