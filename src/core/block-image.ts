@@ -97,6 +97,12 @@ export interface BlockImage {
   /** the name the image was opened by */
   readonly filename: string;
   readonly virtualSize: number;
+  /**
+   * QEMU's block status for this format never answers past a multiple of this many
+   * bytes (qcow2: the guest span of one L2 table); qimg's may, to cross empty terabytes
+   * in one step. Only `compare -s` shows the difference (QEMU's EOF flag).
+   */
+  readonly statusSpan?: number;
   /** the next image down the backing chain, or null */
   readonly backing: BlockImage | null;
   readonly readOnly: boolean;

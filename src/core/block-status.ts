@@ -6,12 +6,17 @@
  */
 import type { BlockImage, Extent } from './block-image.js';
 
-/** The extent at `offset`, at most `length` bytes (offset < top.virtualSize). */
-export async function extentAt(top: BlockImage, offset: number, length: number): Promise<Extent> {
+/**
+ * The extent at `offset`, at most `length` bytes (offset < top.virtualSize).
+ * `qemuSpans`: cut every layer's answer where QEMU's would end (see
+ * BlockImage.statusSpan), for the one output that shows it (compare -s).
+ */
+export async function extentAt(top: BlockImage, offset: number, length: number, opts: { qemuSpans?: boolean } = {}): Promise<Extent> {
   let img: BlockImage = top;
   let depth = 0;
   let n = Math.min(length, top.virtualSize - offset);
   for (;;) {
+    if (opts.qemuSpans && img.statusSpan) n = Math.min(n, img.statusSpan - (offset % img.statusSpan));
     const st = await img.layerStatus(offset, n);
     n = Math.min(n, st.length);
     if (st.data || st.zero) {

@@ -8,6 +8,7 @@ import { realpathSync, statSync } from 'node:fs';
 import type { BlockImage } from './block-image.js';
 import { findDriver, probeDriver, type FormatDriver } from './driver.js';
 import { QimgError } from './errors.js';
+import { CacheBudget } from './cache-budget.js';
 import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
@@ -42,6 +43,11 @@ export interface OpenOptions {
    * reports (and may repair) do not fail the open
    */
   check?: boolean;
+  /**
+   * the metadata cache budget shared by every read-only layer of the chain; the
+   * top-level open makes one when the caller gives none
+   */
+  cacheBudget?: CacheBudget;
 }
 
 /** State shared by every image opened for one chain. */
@@ -54,6 +60,8 @@ export interface OpenContext {
    * archive is a regular file, so such a path cannot name anything else)
    */
   member?: string;
+  /** the chain's metadata cache budget (see OpenOptions.cacheBudget) */
+  cacheBudget?: CacheBudget;
   /** set once a dirty image has been repaired during this open */
   repairedDirty?: boolean;
   /** opens a backing (or other referenced) image in this chain */
@@ -84,7 +92,7 @@ export function joinBackingName(name: string, imagePath: string): string {
 }
 
 export async function openImage(filename: string, options: OpenOptions = {}): Promise<BlockImage> {
-  return openInChain(filename, options.format, options, []);
+  return openInChain(filename, options.format, { ...options, cacheBudget: options.cacheBudget ?? new CacheBudget() }, []);
 }
 
 async function openInChain(
@@ -199,6 +207,7 @@ async function openOnHost(
     options,
     chain,
     member,
+    cacheBudget: options.cacheBudget,
     openBacking: (name, fmt, from) => openBackingOf(name, fmt, from, options, chain),
     openNested: async (inner, fmt) => {
       const d = fmt ? findDriver(fmt) : undefined;

@@ -6,7 +6,7 @@
  * a conflict is someone else's lock on the opposite byte. Without native support
  * (koffi unavailable) no locks are taken.
  */
-import { createRequire } from 'node:module';
+import { loadKoffi } from './koffi.js';
 import { QimgError } from '../core/errors.js';
 
 const PERM_BASE = 100;
@@ -38,7 +38,7 @@ function loadFcntl(): Fcntl | null {
   fcntl = null;
   if (process.env.QIMG_NO_NATIVE === '1' || process.platform !== 'linux') return fcntl;
   try {
-    const koffi = createRequire(import.meta.url)('koffi');
+    const koffi = loadKoffi();
     const lib = koffi.load('libc.so.6');
     fcntl = lib.func('int fcntl(int fd, int cmd, ...)') as Fcntl;
   } catch {

@@ -5,7 +5,7 @@
  * koffi cannot load (another platform, or QIMG_NO_NATIVE=1 to exercise the fallback),
  * `native()` returns null and callers use their portable paths.
  */
-import { createRequire } from 'node:module';
+import { loadKoffi } from './koffi.js';
 
 export interface NativeLibc {
   /** lseek(2); returns -errno on failure. */
@@ -31,12 +31,11 @@ export function native(): NativeLibc | null {
   loaded = null;
   if (process.env.QIMG_NO_NATIVE === '1' || process.platform !== 'linux') return loaded;
   try {
-    const require = createRequire(import.meta.url);
-    const koffi = require('koffi');
+    const koffi = loadKoffi();
     const libc = koffi.load('libc.so.6');
     const lseek = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
     const fallocate = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
-    const errno = (): number => koffi.errno() as number;
+    const errno = (): number => koffi.errno();
     loaded = {
       lseek(fd, offset, whence) {
         const r = Number(lseek(fd, offset, whence));

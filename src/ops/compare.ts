@@ -81,12 +81,12 @@ export async function compareImages(
     let eb: Extent;
     // qemu-img's message names the image whose block status failed
     try {
-      ea = await extentAt(a.image, offset, common - offset);
+      ea = await extentAt(a.image, offset, common - offset, { qemuSpans: opts.strict });
     } catch {
       return { code: 3, lines, error: `Sector allocation test failed for ${a.name}` };
     }
     try {
-      eb = await extentAt(b.image, offset, common - offset);
+      eb = await extentAt(b.image, offset, common - offset, { qemuSpans: opts.strict });
     } catch {
       return { code: 3, lines, error: `Sector allocation test failed for ${b.name}` };
     }

@@ -64,6 +64,14 @@ const SIZES = {
   empty: scaled(64 * GiB), // almost empty qcow2
 };
 
+/** The curves' points: image sizes (scaled), chain depths and virtual sizes (not scaled). */
+const CURVE = {
+  sizes: [1, 4, 16].map((g) => ({ label: `${g}G`, size: scaled(g * GiB), file: `curve-${g}g.qcow2` })),
+  depths: [1, 16, 64, 256],
+  chainSize: scaled(1 * GiB),
+  vsizes: [40, 48].map((bits) => ({ label: `2^${bits}`, size: 2 ** bits, file: `vsize-${bits}.qcow2` })),
+};
+
 const log = (msg) => process.stderr.write(`[bench] ${msg}\n`);
 const fmtBytes = (b) => (b >= GiB ? `${(b / GiB).toFixed(2)} GiB` : `${(b / MiB).toFixed(1)} MiB`);
 
@@ -220,6 +228,8 @@ function warmTools() {
       }
     };
     if (fs.existsSync(koffi)) walk(koffi);
+    const prebuilt = path.join(ROOT, 'node_modules', '@koromix'); // the binary qimg loads directly
+    if (fs.existsSync(prebuilt)) walk(prebuilt);
     const qemu = spawnSync('sh', ['-c', 'command -v qemu-img'], { encoding: 'utf8' }).stdout.trim();
     if (qemu) {
       toolFiles.push(qemu);
@@ -310,73 +320,138 @@ function allocated(file) {
 function generate(dir) {
   const f = (n) => path.join(dir, n);
   const t0 = Date.now();
-  const key = keyFor('mixed');
-  const layout = mixedLayout(SIZES.big);
-  const sum = (k) => layout.filter((e) => e.kind === k).reduce((a, e) => a + e.len, 0);
-  log(
-    `big.raw ${fmtBytes(SIZES.big)}: ${layout.length} extents, random ${fmtBytes(sum('random'))}, ` +
-      `text ${fmtBytes(sum('text'))}, holes ${fmtBytes(SIZES.big - sum('random') - sum('text'))}`,
-  );
-  writeSparseRaw(f('big.raw'), SIZES.big, layout, key);
-
-  // The "1 GiB subset": the same layout and data, cut at SIZES.sub.
-  const subLayout = mixedLayout(SIZES.sub);
-  log(`sub.raw ${fmtBytes(SIZES.sub)} (prefix of big.raw)`);
-  writeSparseRaw(f('sub.raw'), SIZES.sub, subLayout, key);
-
-  log(`dense.raw ${fmtBytes(SIZES.dense)} (all random)`);
-  writeSparseRaw(f('dense.raw'), SIZES.dense, [{ off: 0, len: SIZES.dense, kind: 'random' }], keyFor('dense'));
-
-  log('big.qcow2 (qemu-img convert -O qcow2)');
-  sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('big.raw'), f('big.qcow2')]);
-
-  log('sub.qcow2 + top.qcow2 overlay (qemu-img create -b, qemu-io writes ~10 %)');
-  sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('sub.raw'), f('sub.qcow2')]);
-  sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', f('sub.qcow2'), '-F', 'qcow2', f('top.qcow2')]);
-  {
-    const r = prng(SEED ^ 0x70b);
-    const cmds = [];
-    let written = 0;
-    while (written < SIZES.sub * 0.1) {
-      const len = Math.min(SIZES.sub, r.int(16, 512) * 4 * KiB); // 64 KiB - 2 MiB
-      const off = r.int(0, (SIZES.sub - len) / (4 * KiB)) * 4 * KiB; // 4 KiB aligned: partial clusters too
-      cmds.push('-c', r.next() < 0.1 ? `write -z ${off} ${len}` : `write -P ${r.int(1, 255)} ${off} ${len}`);
-      written += len;
-    }
-    sh('qemu-io', ['-f', 'qcow2', f('top.qcow2'), ...cmds]);
-  }
-
-  log('subc.qcow2 (qemu-img convert -c -O qcow2 of sub.raw)');
-  sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', f('sub.raw'), f('subc.qcow2')]);
-
-  log(`empty.qcow2 ${fmtBytes(SIZES.empty)} (qemu-img create + a few qemu-io writes)`);
-  sh('qemu-img', ['create', '-q', '-f', 'qcow2', f('empty.qcow2'), String(SIZES.empty)]);
-  {
-    const r = prng(SEED ^ 0xe3);
-    const cmds = [];
-    for (let i = 0; i < 8; i++) {
-      const len = r.int(1, 16) * 64 * KiB;
-      const off = r.int(0, (SIZES.empty - len) / (64 * KiB)) * 64 * KiB;
-      cmds.push('-c', `write -P ${r.int(1, 255)} ${off} ${len}`);
-    }
-    cmds.push('-c', `write -P 0x5a ${SIZES.empty - 64 * KiB} ${64 * KiB}`);
-    sh('qemu-io', ['-f', 'qcow2', f('empty.qcow2'), ...cmds]);
-  }
-  // The foreign formats' inputs: the 1 GiB subset as each of them, written by qemu-img.
   const want = (id) => !ONLY || ONLY.has(id);
-  const foreign = [
-    ['vmdkso-qcow2', 'sub.so.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']],
-    ['vhdx-raw', 'sub.vhdx', ['-O', 'vhdx']],
-    ['vdi-qcow2', 'sub.vdi', ['-O', 'vdi']],
-    ['vpc-qcow2', 'sub.vhd', ['-O', 'vpc']],
-  ];
-  for (const [id, name, args] of foreign) {
+  // The curve rows alone (BENCH_ONLY=curve-...) need none of the main rows' images.
+  if (!ONLY || [...ONLY].some((id) => !id.startsWith('curve-'))) {
+    const key = keyFor('mixed');
+    const layout = mixedLayout(SIZES.big);
+    const sum = (k) => layout.filter((e) => e.kind === k).reduce((a, e) => a + e.len, 0);
+    log(
+      `big.raw ${fmtBytes(SIZES.big)}: ${layout.length} extents, random ${fmtBytes(sum('random'))}, ` +
+        `text ${fmtBytes(sum('text'))}, holes ${fmtBytes(SIZES.big - sum('random') - sum('text'))}`,
+    );
+    writeSparseRaw(f('big.raw'), SIZES.big, layout, key);
+
+    // The "1 GiB subset": the same layout and data, cut at SIZES.sub.
+    const subLayout = mixedLayout(SIZES.sub);
+    log(`sub.raw ${fmtBytes(SIZES.sub)} (prefix of big.raw)`);
+    writeSparseRaw(f('sub.raw'), SIZES.sub, subLayout, key);
+
+    log(`dense.raw ${fmtBytes(SIZES.dense)} (all random)`);
+    writeSparseRaw(f('dense.raw'), SIZES.dense, [{ off: 0, len: SIZES.dense, kind: 'random' }], keyFor('dense'));
+
+    log('big.qcow2 (qemu-img convert -O qcow2)');
+    sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('big.raw'), f('big.qcow2')]);
+
+    log('sub.qcow2 + top.qcow2 overlay (qemu-img create -b, qemu-io writes ~10 %)');
+    sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', f('sub.raw'), f('sub.qcow2')]);
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', f('sub.qcow2'), '-F', 'qcow2', f('top.qcow2')]);
+    {
+      const r = prng(SEED ^ 0x70b);
+      const cmds = [];
+      let written = 0;
+      while (written < SIZES.sub * 0.1) {
+        const len = Math.min(SIZES.sub, r.int(16, 512) * 4 * KiB); // 64 KiB - 2 MiB
+        const off = r.int(0, (SIZES.sub - len) / (4 * KiB)) * 4 * KiB; // 4 KiB aligned: partial clusters too
+        cmds.push('-c', r.next() < 0.1 ? `write -z ${off} ${len}` : `write -P ${r.int(1, 255)} ${off} ${len}`);
+        written += len;
+      }
+      sh('qemu-io', ['-f', 'qcow2', f('top.qcow2'), ...cmds]);
+    }
+
+    log('subc.qcow2 (qemu-img convert -c -O qcow2 of sub.raw)');
+    sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', f('sub.raw'), f('subc.qcow2')]);
+
+    log(`empty.qcow2 ${fmtBytes(SIZES.empty)} (qemu-img create + a few qemu-io writes)`);
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', f('empty.qcow2'), String(SIZES.empty)]);
+    {
+      const r = prng(SEED ^ 0xe3);
+      const cmds = [];
+      for (let i = 0; i < 8; i++) {
+        const len = r.int(1, 16) * 64 * KiB;
+        const off = r.int(0, (SIZES.empty - len) / (64 * KiB)) * 64 * KiB;
+        cmds.push('-c', `write -P ${r.int(1, 255)} ${off} ${len}`);
+      }
+      cmds.push('-c', `write -P 0x5a ${SIZES.empty - 64 * KiB} ${64 * KiB}`);
+      sh('qemu-io', ['-f', 'qcow2', f('empty.qcow2'), ...cmds]);
+    }
+    // The foreign formats' inputs: the 1 GiB subset as each of them, written by qemu-img.
+    const foreign = [
+      ['vmdkso-qcow2', 'sub.so.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']],
+      ['vhdx-raw', 'sub.vhdx', ['-O', 'vhdx']],
+      ['vdi-qcow2', 'sub.vdi', ['-O', 'vdi']],
+      ['vpc-qcow2', 'sub.vhd', ['-O', 'vpc']],
+    ];
+    for (const [id, name, args] of foreign) {
+      if (!want(id)) continue;
+      log(`${name} (qemu-img convert ${args.join(' ')} of sub.raw)`);
+      sh('qemu-img', ['convert', '-f', 'raw', ...args, f('sub.raw'), f(name)]);
+    }
+
+  }
+  // Curves (issue #10 item 4): the same kind of image at growing sizes, chain depths and
+  // virtual sizes, each converted to qcow2. Time should follow the data stored, not the
+  // virtual size or the number of layers without data; memory stays bounded throughout.
+  for (const c of CURVE.sizes) {
+    const id = `curve-size-${c.label}`;
     if (!want(id)) continue;
-    log(`${name} (qemu-img convert ${args.join(' ')} of sub.raw)`);
-    sh('qemu-img', ['convert', '-f', 'raw', ...args, f('sub.raw'), f(name)]);
+    log(`${c.file} ${fmtBytes(c.size)} qcow2, 1/8 stored (qemu-img create + qemu-io writes)`);
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', f(c.file), String(c.size)]);
+    qemuIoWrites(f(c.file), spreadWrites(c.size, 8, SEED ^ 0xc0));
+  }
+  const depths = CURVE.depths.filter((d) => want(`curve-chain-${d}`));
+  if (depths.length) {
+    const deepest = Math.max(...depths);
+    log(`chain of ${deepest} layers over a ${fmtBytes(CURVE.chainSize)} base (1/8 stored), 64 KiB written per overlay`);
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', f('chain-1.qcow2'), String(CURVE.chainSize)]);
+    qemuIoWrites(f('chain-1.qcow2'), spreadWrites(CURVE.chainSize, 8, SEED ^ 0xc1));
+    for (let d = 2; d <= deepest; d++) {
+      const name = `chain-${d}.qcow2`;
+      sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', `chain-${d - 1}.qcow2`, '-F', 'qcow2', f(name)]);
+      const off = ((d * 4 + 1) * MiB) % (CURVE.chainSize - 64 * KiB);
+      sh('qemu-io', ['-f', 'qcow2', f(name), '-c', `write -P ${d % 255 + 1} ${off} ${64 * KiB}`]);
+    }
+  }
+  for (const v of CURVE.vsizes) {
+    const id = `curve-vsize-${v.label}`;
+    if (!want(id)) continue;
+    log(`${v.file}: ${v.label} bytes virtual, 16 MiB stored in 64 places`);
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', f(v.file), String(v.size)]);
+    const r = prng(SEED ^ 0xc2);
+    const writes = [];
+    for (let i = 0; i < 64; i++) {
+      const slot = Math.floor(v.size / 64 / MiB) * MiB;
+      writes.push({ off: i * slot + r.int(0, Math.floor(slot / MiB) - 1) * MiB, len: 256 * KiB, pattern: r.int(1, 255) });
+    }
+    qemuIoWrites(f(v.file), writes);
   }
   sh('sync', []);
   return (Date.now() - t0) / 1000;
+}
+
+/** qemu-io pattern writes, a few hundred per process. */
+function qemuIoWrites(file, writes) {
+  for (let i = 0; i < writes.length; i += 400) {
+    const cmds = writes.slice(i, i + 400).flatMap((w) => ['-c', `write -P ${w.pattern} ${w.off} ${w.len}`]);
+    sh('qemu-io', ['-f', 'qcow2', file, ...cmds]);
+  }
+}
+
+/** Writes of 256 KiB - 2 MiB covering about 1/`every` of `size`, evenly spread. */
+function spreadWrites(size, every, seed) {
+  const r = prng(seed);
+  const writes = [];
+  const stride = 8 * MiB;
+  for (let base = 0; base + stride <= size; base += stride) {
+    let want = stride / every;
+    while (want > 0) {
+      const len = Math.min(want, r.int(1, 8) * 256 * KiB);
+      const off = base + r.int(0, (stride - len) / (64 * KiB)) * 64 * KiB;
+      writes.push({ off, len, pattern: r.int(1, 255) });
+      want -= len;
+    }
+  }
+  return writes;
 }
 
 /** The rows. args use {in} / {out} placeholders; the same arguments go to both tools. */
@@ -414,6 +489,15 @@ function workloads(dir) {
     conv('empty-raw', 'qcow2→raw (64G almost empty)', ['convert', '-O', 'raw'], 'empty.qcow2', 'raw', { node: 1.3 }),
     modify('commit', 'commit top into base (1G, ~10 % in top)', (work) => ['commit', '-q', work.top], 'base', { ratio: 0.9 }),
     modify('rebase', "rebase -b '' (safe: base's data into the top, 1G)", (work) => ['rebase', '-f', 'qcow2', '-b', '', work.top], 'top', { ratio: 0.9 }),
+    ...CURVE.sizes.map((c) =>
+      conv(`curve-size-${c.label}`, `curve: qcow2→qcow2 ${c.label} (1/8 stored)`, ['convert', '-O', 'qcow2'], c.file, 'qcow2', { ratio: 0.9 }),
+    ),
+    ...CURVE.depths.map((d) =>
+      conv(`curve-chain-${d}`, `curve: chain ${d} deep→flat qcow2`, ['convert', '-O', 'qcow2'], `chain-${d}.qcow2`, 'qcow2', { ratio: 0.9 }),
+    ),
+    ...CURVE.vsizes.map((v) =>
+      conv(`curve-vsize-${v.label}`, `curve: ${v.label} B virtual→qcow2`, ['convert', '-O', 'qcow2'], v.file, 'qcow2', { ratio: 0.9 }),
+    ),
     { id: 'info', name: 'info (4G qcow2)', kind: 'meta', args: ['info', f('big.qcow2')], target: { node: 1.3 } },
     { id: 'map', name: 'map --output=json (4G qcow2)', kind: 'meta', args: ['map', '--output=json', f('big.qcow2')], target: { node: 1.3 } },
   ];
@@ -604,6 +688,10 @@ function setupDir() {
 const OUR_FILES = [
   'big.raw', 'sub.raw', 'dense.raw', 'big.qcow2', 'sub.qcow2', 'top.qcow2', 'subc.qcow2', 'empty.qcow2',
   'out-qimg.raw', 'out-qimg.qcow2', 'out-qemu-img.raw', 'out-qemu-img.qcow2',
+  'sub.so.vmdk', 'sub.vhdx', 'sub.vdi', 'sub.vhd',
+  ...CURVE.sizes.map((c) => c.file),
+  ...Array.from({ length: Math.max(...CURVE.depths) }, (_, i) => `chain-${i + 1}.qcow2`),
+  ...CURVE.vsizes.map((v) => v.file),
 ];
 function cleanupDir({ dir, created }) {
   if (KEEP) {
@@ -633,6 +721,45 @@ function judge(row, baseline) {
   if (mem != null && mem / 1024 >= (row.target.memMiB ?? MEM_LIMIT_MIB)) misses.push('mem');
   row.result = row.failure ? 'FAILED' : misses.length ? `miss (${misses.join(', ')})` : 'pass';
   return row;
+}
+
+/**
+ * The curves (issue #10 item 4) read across their rows: time should follow the data
+ * stored, not the virtual size nor the number of layers, and memory stay bounded.
+ *   size:   qimg's time per stored GiB at the largest point ≤ 1.25× the 4G point's
+ *           (the 1G point is mostly start-up)
+ *   chain:  qimg's time at the deepest point over its time at depth 1 ≤ qemu-img's
+ *   vsize:  2^48 bytes virtual ≤ 2× the time of 2^40 (the same data stored)
+ */
+function curveSummary(rows) {
+  const byId = new Map(rows.map((r) => [r.id, r]));
+  const lines = [];
+  const verdicts = [];
+  const pt = (r) => `${fmtS(r.qimg.median)}/${fmtS(r['qemu-img'].median)} s, ${fmtMiB(r.qimg.peakRssKiB)}/${fmtMiB(r['qemu-img'].peakRssKiB)} MiB`;
+  const group = (name, ids, label, check) => {
+    const pts = ids.map((id, i) => [label[i], byId.get(id)]).filter(([, r]) => r && r.qimg.median != null && r['qemu-img'].median != null);
+    if (pts.length < 2) return;
+    lines.push(`curve ${name} (qimg/qemu-img): ${pts.map(([l, r]) => `${l} ${pt(r)}`).join('; ')}`);
+    const mem = pts.every(([, r]) => r.qimg.peakRssKiB == null || r.qimg.peakRssKiB / 1024 < MEM_LIMIT_MIB);
+    const { ok, why } = check(pts);
+    verdicts.push({ curve: name, pass: ok && mem, why: `${why}; memory ${mem ? 'under' : 'NOT under'} ${MEM_LIMIT_MIB} MiB` });
+    lines.push(`  ${ok && mem ? 'pass' : 'miss'}: ${why}; peak memory ${mem ? 'under' : 'NOT under'} ${MEM_LIMIT_MIB} MiB at every point`);
+  };
+  group('size, 1/8 stored', CURVE.sizes.map((c) => `curve-size-${c.label}`), CURVE.sizes.map((c) => c.label), (pts) => {
+    const perGiB = pts.map(([l, r]) => [l, r.qimg.median / ((CURVE.sizes.find((c) => c.label === l).size / 8) / GiB)]);
+    const ref = perGiB.find(([l]) => l === '4G') ?? perGiB[0];
+    const last = perGiB[perGiB.length - 1];
+    return { ok: last[1] <= ref[1] * 1.25, why: `qimg s per stored GiB ${perGiB.map(([l, v]) => `${l} ${v.toFixed(2)}`).join(', ')}` };
+  });
+  group('chain depth', CURVE.depths.map((d) => `curve-chain-${d}`), CURVE.depths.map(String), (pts) => {
+    const g = (tool) => pts[pts.length - 1][1][tool].median / pts[0][1][tool].median;
+    return { ok: g('qimg') <= g('qemu-img'), why: `time ×${g('qimg').toFixed(1)} from depth ${pts[0][0]} to ${pts[pts.length - 1][0]} (qemu-img ×${g('qemu-img').toFixed(1)})` };
+  });
+  group('virtual size', CURVE.vsizes.map((v) => `curve-vsize-${v.label}`), CURVE.vsizes.map((v) => v.label), (pts) => {
+    const g = pts[pts.length - 1][1].qimg.median / pts[0][1].qimg.median;
+    return { ok: g <= 2, why: `time ×${g.toFixed(2)} from ${pts[0][0]} to ${pts[pts.length - 1][0]} bytes virtual, the same data stored` };
+  });
+  return { lines, verdicts };
 }
 
 async function main() {
@@ -716,6 +843,8 @@ async function main() {
     console.log(`qimg benchmark — scale ${SCALE}, medians of ${RUNS} run(s) (${META_RUNS} for info/map/64G/node), ${cacheNote}`);
     console.log(`${qemuVersion}; node ${process.version}; ${os.cpus().length} CPUs, load average ${loadStart} at start (other work on the machine makes the numbers noisy); wall time via hrtime, peak RSS via ${HAVE_TIME ? '/usr/bin/time %M' : 'n/a (no /usr/bin/time)'}`);
     console.log(table.toString());
+    const curves = curveSummary(rows);
+    for (const line of curves.lines) console.log(line);
     for (const r of rows) if (r.failure) console.log(`FAILED ${r.name}: ${r.failure}`);
     for (const r of rows) for (const n of r.notes) console.log(`note ${r.name}: ${n}`);
     const summary = {
@@ -742,6 +871,7 @@ async function main() {
       benchmarkSeconds: benchSeconds,
       baseline,
       rows,
+      curves: curves.verdicts,
       summary,
     };
     fs.writeFileSync(RESULTS, JSON.stringify(json, null, 2) + '\n');

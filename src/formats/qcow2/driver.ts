@@ -22,6 +22,8 @@ import type { Extent } from '../../core/block-image.js';
 import { Mutex } from '../../core/mutex.js';
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
 import { TableCache } from './table-cache.js';
+import { L1_WHOLE_MAX_BYTES, PagedL1, zeroEntriesFrom } from './l1-pages.js';
+import type { CacheBudget } from '../../core/cache-budget.js';
 import { writeU64 } from '../../core/units.js';
 import { cloneHeader, serializeHeader } from './header-serialize.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
@@ -41,6 +43,12 @@ export class Qcow2Image implements BlockImage {
   private compressedCache: { hostOffset: number; data: Buffer } | null = null;
   private metadataPrealloc: boolean | undefined;
   private refcounts_: Refcounts | null = null;
+  /** the active L1 table, whole (every writable image, and small tables) ... */
+  private l1_: Buffer | null;
+  /** ... or read a page at a time (large tables of read-only images) */
+  private readonly pagedL1: PagedL1 | null;
+  /** null until needed: read-only layers of a chain never use their refcounts */
+  private refcountTable_: Buffer | null;
   private readonly l1Dirty = new Set<number>();
   private readonly writer = new ClusterWriter(this);
   private readonly lock = new Mutex();
@@ -57,12 +65,16 @@ export class Qcow2Image implements BlockImage {
     readonly file: HostFile,
     readonly filename: string,
     readonly header: Qcow2Header,
-    public l1: Buffer,
-    readonly refcountTable: Buffer,
+    l1: Buffer | PagedL1,
+    refcountTable: Buffer | null,
     public snapshots: Qcow2Snapshot[],
     readonly dataFile: HostFile | null,
     readonly backing: BlockImage | null,
+    budget?: CacheBudget,
   ) {
+    this.l1_ = l1 instanceof PagedL1 ? null : l1;
+    this.pagedL1 = l1 instanceof PagedL1 ? l1 : null;
+    this.refcountTable_ = refcountTable;
     const extendedL2 = (header.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n;
     const clusterSize = 2 ** header.clusterBits;
     const l2EntrySize = extendedL2 ? 16 : 8;
@@ -88,21 +100,46 @@ export class Qcow2Image implements BlockImage {
         }
         await this.file.write(buf, off);
       },
+      // Only read-only layers share the chain's budget: a writable image's dirty
+      // tables leave its cache in QEMU's write order, not at the budget's whim.
+      file.writable ? undefined : budget,
     );
+  }
+
+  /** The whole active L1 table (write paths; such images always hold it whole). */
+  get l1(): Buffer {
+    if (!this.l1_) throw new QimgError('internal error: the L1 table of a read-only image is paged', { file: this.filename });
+    return this.l1_;
+  }
+
+  set l1(table: Buffer) {
+    this.l1_ = table;
+  }
+
+  /** The refcount table, read on first use. */
+  async loadRefcountTable(): Promise<Buffer> {
+    this.refcountTable_ ??= await this.file.readBytes(this.header.refcountTableOffset, this.header.refcountTableClusters * this.geometry.clusterSize);
+    return this.refcountTable_;
   }
 
   get virtualSize(): number {
     return this.header.size;
   }
 
+  get statusSpan(): number {
+    return this.geometry.clusterSize * this.geometry.l2Entries;
+  }
+
   get readOnly(): boolean {
     return !this.file.writable;
   }
 
+  /** Refcounts: writable images have the table from open; others call loadRefcountTable first. */
   get refcounts(): Refcounts {
+    if (!this.refcountTable_) throw new QimgError('internal error: refcount table not loaded', { file: this.filename });
     this.refcounts_ ??= new Refcounts(
       this.file,
-      this.refcountTable,
+      this.refcountTable_,
       {
         tableOffset: this.header.refcountTableOffset,
         tableClusters: this.header.refcountTableClusters,
@@ -439,7 +476,7 @@ export class Qcow2Image implements BlockImage {
     if (sn.l1TableOffset % g.clusterSize !== 0) throw new CorruptImageError(this.filename, 'Snapshot L1 table offset invalid');
     const l1 = await this.file.readBytes(sn.l1TableOffset, sn.l1Size * 8);
     const header = { ...this.header, size: sn.diskSize, l1Size: sn.l1Size, l1TableOffset: sn.l1TableOffset };
-    const view = new Qcow2Image(this.file, this.filename, header, l1, this.refcountTable, this.snapshots, this.dataFile, this.backing);
+    const view = new Qcow2Image(this.file, this.filename, header, l1, this.refcountTable_, this.snapshots, this.dataFile, this.backing);
     view.isView = true;
     return view;
   }
@@ -558,8 +595,23 @@ export class Qcow2Image implements BlockImage {
     if (l1Index >= this.header.l1Size) {
       return { type: Sub.UnallocatedPlain, length: Math.min(maxLen, span - (offset % span)) };
     }
-    const l2Offset = l2OffsetFromL1(this.l1, l1Index, g, this.filename);
-    const l2 = l2Offset === 0 ? null : await this.l2Cache.get(l2Offset);
+    let table = this.l1_;
+    let first = 0;
+    if (!table) ({ page: table, first } = await this.pagedL1!.pageOf(l1Index));
+    const l2Offset = l2OffsetFromL1(table, l1Index - first, g, this.filename, first);
+    if (l2Offset === 0) {
+      // No L2 table: this entry and every empty entry after it (within the table or
+      // page at hand) are one unallocated run, so sparse terabytes take one step.
+      let length = span - (offset % span);
+      if (length < maxLen) {
+        const more = zeroEntriesFrom(table, l1Index - first + 1, Math.ceil((maxLen - length) / span));
+        length += more * span;
+        // Past the end of the L1 table nothing is allocated either.
+        if (l1Index + 1 + more >= this.header.l1Size) length = maxLen;
+      }
+      return { type: Sub.UnallocatedPlain, length: Math.min(maxLen, length) };
+    }
+    const l2 = await this.l2Cache.get(l2Offset);
     return lookupRun(l2, l2Offset, offset, maxLen, g, this.filename);
   }
 
@@ -609,9 +661,16 @@ export class Qcow2Image implements BlockImage {
       const realClusters = Math.floor((await this.file.allocatedSize()) / cs);
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
       const nbClusters = Math.ceil(this.file.size / cs);
+      await this.loadRefcountTable();
       this.metadataPrealloc = (await this.refcounts.countInUse(nbClusters, threshold + 1)) > threshold;
     } catch {
       // Refcounts are not needed for reading; a damaged table only loses this refinement.
+    }
+    if (!this.file.writable) {
+      // A read-only layer needed them only for this answer: a deep chain should not keep
+      // every layer's refcount table and blocks.
+      this.refcounts_ = null;
+      this.refcountTable_ = null;
     }
     return this.metadataPrealloc;
   }
@@ -795,8 +854,13 @@ async function openQcow2(file: HostFile, ctx: OpenContext): Promise<BlockImage> 
     throw new UnsupportedError(name, 'Encrypted qcow2 images cannot be read yet (qimg does not support qcow2 encryption)');
   }
 
-  const l1 = await file.readBytes(h.l1TableOffset, h.l1Size * 8);
-  const refcountTable = await file.readBytes(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  // A read-only layer reads a large L1 table page by page and its refcount table only
+  // if it ever needs it: a deep chain of huge images stays within the chain's budget.
+  const l1 =
+    file.writable || h.l1Size * 8 <= L1_WHOLE_MAX_BYTES
+      ? await file.readBytes(h.l1TableOffset, h.l1Size * 8)
+      : new PagedL1(file, h.l1TableOffset, h.l1Size, ctx.cacheBudget);
+  const refcountTable = file.writable ? await file.readBytes(h.refcountTableOffset, h.refcountTableClusters * clusterSize) : null;
   const snapshots = await readSnapshotTable(file, h.snapshotsOffset, h.nbSnapshots, h.version, h.size);
 
   let dataFile: HostFile | null = null;
@@ -814,7 +878,7 @@ async function openQcow2(file: HostFile, ctx: OpenContext): Promise<BlockImage> 
     if (dataFile) await dataFile.close().catch(() => undefined);
     throw err;
   }
-  return new Qcow2Image(file, name, h, l1, refcountTable, snapshots, dataFile, backing);
+  return new Qcow2Image(file, name, h, l1, refcountTable, snapshots, dataFile, backing, ctx.cacheBudget);
 }
 
 /**

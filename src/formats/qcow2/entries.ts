@@ -108,11 +108,12 @@ function readDescriptor(hi: number, lo: number, clusterBits: number): { hostOffs
 }
 
 /** The L2 table offset an L1 entry points to (0 = none), validated for alignment. */
-export function l2OffsetFromL1(l1: Buffer, index: number, g: Geometry, file: string): number {
+export function l2OffsetFromL1(l1: Buffer, index: number, g: Geometry, file: string, base = 0): number {
   const hi = l1.readUInt32BE(index * 8);
   const lo = l1.readUInt32BE(index * 8 + 4);
   if (!entryAligned(lo, g)) {
-    throw new CorruptImageError(file, `Image is corrupt: L2 table offset ${hex(rawOffset(hi, lo))} unaligned (L1 index: ${hex(index)})`);
+    // `base`: the index of the table's first entry when `l1` is one page of a paged table
+    throw new CorruptImageError(file, `Image is corrupt: L2 table offset ${hex(rawOffset(hi, lo))} unaligned (L1 index: ${hex(base + index)})`);
   }
   return hostOffsetOf(hi, lo, file);
 }
