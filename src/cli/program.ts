@@ -14,6 +14,7 @@ import { registerMap } from './commands/map.js';
 import { registerCheck } from './commands/check.js';
 import { reportError } from './errors.js';
 import { programName } from '../core/program-name.js';
+import { maskSecretData } from './object-options.js';
 
 export const VERSION = '0.1.0';
 
@@ -75,7 +76,8 @@ export function isCommanderError(err: unknown): err is CommanderError {
 export function qemuUsageMessage(text: string): string {
   const line = text.replace(/\n$/, '');
   let m: RegExpExecArray | null;
-  if ((m = /^unknown option '(.*)'$/.exec(line))) return `unrecognized option '${m[1]}'\n`;
+  // a mistyped --object=secret,...,data=X must not print X
+  if ((m = /^unknown option '(.*)'$/.exec(line))) return `unrecognized option '${maskSecretData(m[1])}'\n`;
   if ((m = /^unknown command '(.*)'$/.exec(line))) return `Command not found: ${m[1]}\n`;
   if (/^missing required argument '.*'$/.test(line) || /^too many arguments/.test(line)) return 'Expecting one image file name\n';
   if ((m = /^option '([^ ,']+)[^']*' argument missing$/.exec(line))) return `missing argument for option '${m[1]}'\n`;

@@ -7,6 +7,7 @@ import type { BlockImage } from './block-image.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from './options.js';
 import type { HostFile } from '../io/host.js';
 import type { OpenContext } from './open.js';
+import type { ImageOptions, SecretStore } from './secrets.js';
 
 /** What one `check` pass found (qemu's BdrvCheckResult); zero counts are not printed. */
 export interface ImageCheckCounts {
@@ -47,6 +48,19 @@ export interface FormatCheckOptions {
   log: (line: string) => void;
 }
 
+/** What `create` may need beyond the options (`-o key-secret=ID` names a secret). */
+export interface CreateContext {
+  secrets?: SecretStore;
+}
+
+/** What a format's own `amend` gets: --object secrets and --image-opts keys for its open. */
+export interface AmendContext {
+  secrets?: SecretStore;
+  imageOptions?: ImageOptions;
+  /** qemu-img amend --force (overwrite active key slots, erase the last one) */
+  force?: boolean;
+}
+
 export interface FormatDriver {
   readonly name: string;
   /** Score for the first bytes of a file: 0 = not mine, higher wins; raw answers 1. */
@@ -64,12 +78,30 @@ export interface FormatDriver {
    * Validates options (qemu-img's messages) and creates the image; size in bytes.
    * Absent: the format is read-only ("Format driver 'X' does not support image creation").
    */
-  create?(path: string, size: number, options: Map<string, OptionValue>): Promise<void>;
+  create?(path: string, size: number, options: Map<string, OptionValue>, ctx?: CreateContext): Promise<void>;
   /**
    * qemu-img check for this format, run on the file by name (the image is not open);
    * absent: "This image format does not support checks" (exit 63).
    */
   check?(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts>;
+  /**
+   * `amend` of a format other than qcow2 (qemu's bdrv_amend_options): opens the image
+   * itself (with its key), checks the -o options against amendOptions with qemu's
+   * messages and applies them; 'help' when -o asks for the list.
+   */
+  amend?(filename: string, optionStrings: string[], ctx: AmendContext): Promise<'help' | void>;
+  /** the options `amend -o help` lists (qemu's amend_opts) */
+  readonly amendOptions?: readonly OptionSpec[];
+  /**
+   * `measure -O` for a format other than raw and qcow2: the sizes a new image of
+   * `virtualSize` bytes needs (qemu's bdrv_measure), or qemu's refusal.
+   */
+  measure?(virtualSize: number, options: Map<string, OptionValue>, ctx: CreateContext): Promise<{ required: number; fullyAllocated: number }>;
+  /**
+   * A new image does not read as zeros (qemu's bdrv_has_zero_init() is 0: a luks
+   * payload nobody wrote decrypts to noise), so convert must write its zero ranges.
+   */
+  readonly noZeroInit?: boolean;
   /** `convert -c` is allowed for this output format (qemu's bdrv_co_pwritev_compressed) */
   readonly supportsCompression?: boolean;
   /** `measure -O` works for this format (qemu's bdrv_measure); else qemu's refusal */

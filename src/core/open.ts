@@ -9,6 +9,7 @@ import type { BlockImage } from './block-image.js';
 import { findDriver, probeDriver, type FormatDriver } from './driver.js';
 import { QimgError } from './errors.js';
 import { CacheBudget } from './cache-budget.js';
+import { backingImageOptions, type ImageOptions, type SecretStore } from './secrets.js';
 import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
@@ -48,6 +49,13 @@ export interface OpenOptions {
    * top-level open makes one when the caller gives none
    */
   cacheBudget?: CacheBudget;
+  /** secrets from --object, for the images (and their backing files) that name one */
+  secrets?: SecretStore;
+  /**
+   * --image-opts keys for this image beyond driver and file.filename (for example
+   * `encrypt.key-secret`); `backing.`-prefixed keys go on to the backing file
+   */
+  imageOptions?: ImageOptions;
 }
 
 /** State shared by every image opened for one chain. */
@@ -241,7 +249,7 @@ async function openBackingOf(
   const path = resolveRelative(name, from);
   assertReferenceAllowed(path, from, 'backing file');
   try {
-    return await openInChain(path, format, { ...options, writable: false }, chain);
+    return await openInChain(path, format, { ...options, writable: false, imageOptions: backingImageOptions(options.imageOptions) }, chain);
   } catch (err) {
     if (err instanceof QimgError && /infinite loop|deeper than/.test(err.message)) throw err;
     const msg = err instanceof Error ? err.message : String(err);

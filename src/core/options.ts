@@ -222,3 +222,11 @@ export function formatOptionHelp(format: string, schema: readonly OptionSpec[], 
   }
   return `Supported options:\n${lines.map((l) => l + '\n').join('')}`;
 }
+
+/** `amend -o help`: qemu-img's "Amend options for 'FMT':" list. */
+export function formatAmendHelp(format: string, schema: readonly OptionSpec[]): string {
+  const typeName: Record<OptionType, string> = { string: 'str', size: 'size', bool: 'bool (on/off)', number: 'num' };
+  const lines = schema.map((o) => `  ${o.name}=<${typeName[o.type]}>`.padEnd(24) + ` - ${o.help}`);
+  lines.sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  return `Amend options for '${format}':\n${lines.map((l) => l + '\n').join('')}`;
+}

@@ -23,6 +23,7 @@ import {
   LUKS_KEY_SLOT_ENABLED,
   LUKS_KEY_SLOT_OFFSET,
   LUKS_MAGIC,
+  LUKS_MAX_PBKDF_ITERATIONS,
   LUKS_NUM_KEY_SLOTS,
   LUKS_SECTOR_SIZE,
   LUKS_STRIPES,
@@ -101,9 +102,8 @@ export interface Luks1OpenOptions {
   /** the image name for error messages */
   fileName?: string;
   /**
-   * Refuse key slots (and master key digests) with more PBKDF2 iterations than this.
-   * QEMU has no limit: a hostile header with 2^32-1 iterations makes each try take
-   * minutes to hours of CPU (node's pbkdf2 cannot be cancelled).
+   * Refuse key slots (and master key digests) with more PBKDF2 iterations than this
+   * (default LUKS_MAX_PBKDF_ITERATIONS; node's pbkdf2 cannot be cancelled).
    */
   maxIterations?: number;
 }
@@ -371,8 +371,8 @@ async function loadKey(ctx: ReadCtx, i: number, pw: Buffer): Promise<Buffer | un
   const { header, algorithms } = ctx;
   const slot = header.slots[i];
   if (!slot.active) return undefined;
-  const max = ctx.opts.maxIterations;
-  if (max !== undefined && (slot.iterations > max || header.masterKeyIterations > max)) {
+  const max = ctx.opts.maxIterations ?? LUKS_MAX_PBKDF_ITERATIONS;
+  if (slot.iterations > max || header.masterKeyIterations > max) {
     throw new CorruptImageError(
       ctx.opts.fileName,
       `Keyslot ${i} needs ${Math.max(slot.iterations, header.masterKeyIterations)} PBKDF2 iterations, more than the limit of ${max}`,

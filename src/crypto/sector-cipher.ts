@@ -206,6 +206,7 @@ class SectorCipherImpl implements SectorCipher {
     this.dataKey.fill(0);
     this.tweakKey?.fill(0);
     this.essivKey?.fill(0);
+    this.wipeScratch();
     // OpenSSL cleanses its contexts when they are freed; drop the references.
     this.ecbEnc = this.ecbDec = this.tweakEnc = this.essivEnc = undefined;
   }
@@ -246,7 +247,49 @@ class SectorCipherImpl implements SectorCipher {
     const len = buf.length;
     const sectors = Math.ceil(len / SECTOR_SIZE);
     const tweak0 = update(this.tweakEnc, this.ivs(sectors, firstSector));
-    // T_j = E_k2(IV) * alpha^j in GF(2^128), little-endian bytes (IEEE 1619)
+    if (!LITTLE_ENDIAN || buf.byteOffset % 4 !== 0 || len % SECTOR_SIZE !== 0) {
+      this.xtsBytes(buf, tweak0, sectors, enc);
+      return;
+    }
+    // One pass builds the tweaks T_j = E_k2(IV) * alpha^j in GF(2^128) (IEEE 1619;
+    // little-endian, as four host words) and XORs them in; ECB runs once over the whole
+    // buffer; a second pass XORs them out. Scratch space is kept between calls.
+    const words = len / 4;
+    const scratch = this.scratch(len);
+    const t32 = scratch.t;
+    const x32 = scratch.x;
+    const b32 = new Uint32Array(buf.buffer, buf.byteOffset, words);
+    const t0 = new Uint32Array(tweak0.buffer, tweak0.byteOffset, tweak0.length / 4);
+    for (let s = 0, i = 0; s < sectors; s++) {
+      let w0 = t0[s * 4], w1 = t0[s * 4 + 1], w2 = t0[s * 4 + 2], w3 = t0[s * 4 + 3];
+      for (const end = i + SECTOR_SIZE / 4; i < end; i += 4) {
+        t32[i] = w0;
+        t32[i + 1] = w1;
+        t32[i + 2] = w2;
+        t32[i + 3] = w3;
+        x32[i] = b32[i] ^ w0;
+        x32[i + 1] = b32[i + 1] ^ w1;
+        x32[i + 2] = b32[i + 2] ^ w2;
+        x32[i + 3] = b32[i + 3] ^ w3;
+        const carry = w3 >>> 31;
+        w3 = ((w3 << 1) | (w2 >>> 31)) >>> 0;
+        w2 = ((w2 << 1) | (w1 >>> 31)) >>> 0;
+        w1 = ((w1 << 1) | (w0 >>> 31)) >>> 0;
+        w0 = ((w0 << 1) ^ (carry * 0x87)) >>> 0;
+      }
+    }
+    const y = update(enc ? this.ecbEnc : this.ecbDec, scratch.xBuf.subarray(0, len));
+    const y32 = new Uint32Array(y.buffer, y.byteOffset, words);
+    for (let i = 0; i < words; i++) b32[i] = y32[i] ^ t32[i];
+    // the plaintext passed through the scratch buffers and y: wipe them
+    y.fill(0);
+    scratch.xBuf.fill(0, 0, len);
+    tweak0.fill(0);
+  }
+
+  /** XTS for buffers the word loop cannot view (unaligned, or a short last sector). */
+  private xtsBytes(buf: Buffer, tweak0: Buffer, sectors: number, enc: boolean): void {
+    const len = buf.length;
     const t = Buffer.allocUnsafeSlow(len);
     for (let s = 0; s < sectors; s++) {
       const at = s * SECTOR_SIZE;
@@ -258,6 +301,30 @@ class SectorCipherImpl implements SectorCipher {
     const y = update(enc ? this.ecbEnc : this.ecbDec, x);
     xorInto(buf, y, t);
     for (const b of [x, y, t, tweak0]) b.fill(0);
+  }
+
+  private scratchSpace: { t: Uint32Array; x: Uint32Array; xBuf: Buffer; tBuf: Buffer } | undefined;
+
+  /** Tweak and input scratch of at least `len` bytes, grown as needed, reused between calls. */
+  private scratch(len: number): { t: Uint32Array; x: Uint32Array; xBuf: Buffer; tBuf: Buffer } {
+    if (!this.scratchSpace || this.scratchSpace.xBuf.length < len) {
+      this.wipeScratch();
+      const tBuf = Buffer.allocUnsafeSlow(len);
+      const xBuf = Buffer.allocUnsafeSlow(len);
+      this.scratchSpace = {
+        tBuf,
+        xBuf,
+        t: new Uint32Array(tBuf.buffer, tBuf.byteOffset, len / 4),
+        x: new Uint32Array(xBuf.buffer, xBuf.byteOffset, len / 4),
+      };
+    }
+    return this.scratchSpace;
+  }
+
+  private wipeScratch(): void {
+    this.scratchSpace?.tBuf.fill(0);
+    this.scratchSpace?.xBuf.fill(0);
+    this.scratchSpace = undefined;
   }
 
   private cbcDecrypt(buf: Buffer, firstSector: number | bigint): void {

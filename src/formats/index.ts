@@ -13,6 +13,7 @@ import { cloopDriver } from './cloop/driver.js';
 import { vpcDriver } from './vpc/driver.js';
 import { vmdkDriver } from './vmdk/driver.js';
 import { vdiDriver } from './vdi/driver.js';
+import { luksDriver } from './luks/driver.js';
 
 let done = false;
 
@@ -31,5 +32,6 @@ export function registerFormats(): void {
   registerDriver(vpcDriver);
   registerDriver(vmdkDriver);
   registerDriver(vdiDriver);
+  registerDriver(luksDriver);
   registerDriver(rawDriver);
 }

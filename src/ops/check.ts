@@ -3,7 +3,7 @@
  * without a check hook answer "does not support checks" (exit 63), as qemu-img does.
  */
 import { QimgError } from '../core/errors.js';
-import { openImage } from '../core/open.js';
+import { openImage, type OpenOptions } from '../core/open.js';
 import { ImageFile } from '../io/file.js';
 import { findDriver, type ImageCheckCounts } from '../core/driver.js';
 
@@ -26,6 +26,9 @@ export interface CheckOptions {
   log: (line: string) => void;
   /** -U: take no image locks */
   forceShare?: boolean;
+  /** --object secrets and --image-opts options for the open */
+  secrets?: OpenOptions['secrets'];
+  imageOptions?: OpenOptions['imageOptions'];
 }
 
 /** Exit code qemu-img uses when a format has no consistency check. */
@@ -37,7 +40,7 @@ export const EXIT_NO_CHECK = 63;
  * the file itself.
  */
 export async function checkImage(filename: string, opts: CheckOptions): Promise<ImageCheck> {
-  const img = await openImage(filename, { format: opts.format, forceShare: opts.forceShare, check: true });
+  const img = await openImage(filename, { format: opts.format, forceShare: opts.forceShare, check: true, secrets: opts.secrets, imageOptions: opts.imageOptions });
   const format = img.format;
   await img.close();
   const driver = findDriver(format);

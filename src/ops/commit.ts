@@ -9,7 +9,8 @@ import { realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { BlockImage } from '../core/block-image.js';
 import { QimgError, asQimgError } from '../core/errors.js';
-import { openImage, resolveRelative } from '../core/open.js';
+import { openImage, resolveRelative, type OpenOptions } from '../core/open.js';
+import { backingImageOptions } from '../core/secrets.js';
 import { extentAt } from '../core/block-status.js';
 import { copyImages } from './copy-engine.js';
 
@@ -32,11 +33,14 @@ export interface CommitOptions {
   drop?: boolean;
   parallel?: number;
   onProgress?: (done: number, total: number) => void;
+  /** --object secrets (for every layer) and --image-opts options (for the image; `backing.` ones go down the chain) */
+  secrets?: OpenOptions['secrets'];
+  imageOptions?: OpenOptions['imageOptions'];
 }
 
 export async function commitImage(filename: string, opts: CommitOptions = {}): Promise<void> {
   // BASE is reopened below to be written: the chain's own handle on it takes no lock.
-  const top = await openImage(filename, { format: opts.format, writable: true, shareBacking: true });
+  const top = await openImage(filename, { format: opts.format, writable: true, shareBacking: true, secrets: opts.secrets, imageOptions: opts.imageOptions });
   let base: BlockImage | null = null;
   try {
     if (!top.backing) throw new QimgError('Image does not have a backing file', { file: filename });
@@ -57,7 +61,13 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
     const baseLayer = layer!;
     // BASE is opened with its own backing chain: growing it must zero the new area where
     // a longer file below BASE would otherwise show through (qemu writes zeros there).
-    base = namingErrors(await openImage(baseLayer.filename, { format: baseLayer.format, writable: true }), baseLayer.filename);
+    // BASE gets the options the chain gave it (`backing.` once per level above it)
+    let baseOptions = opts.imageOptions;
+    for (let d = 0; d < depth; d++) baseOptions = backingImageOptions(baseOptions);
+    base = namingErrors(
+      await openImage(baseLayer.filename, { format: baseLayer.format, writable: true, secrets: opts.secrets, imageOptions: baseOptions }),
+      baseLayer.filename,
+    );
     if (base.virtualSize < top.virtualSize) {
       if (!base.resize) throw new QimgError(`Could not resize '${baseLayer.filename}' to the image's size`, { file: filename });
       await base.resize(top.virtualSize);

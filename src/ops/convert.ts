@@ -5,8 +5,11 @@
  */
 import { stat, unlink } from 'node:fs/promises';
 import type { BlockImage } from '../core/block-image.js';
+import { findDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
 import { openImage, resolveRelative } from '../core/open.js';
+import type { ImageOptions, SecretStore } from '../core/secrets.js';
+import type { ParsedOptions } from '../core/options.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
@@ -37,6 +40,19 @@ export interface ConvertRequest {
   forceShare?: boolean;
   /** flush the target at the end (cache modes other than qemu-img's default "unsafe") */
   flushAtEnd?: boolean;
+  /** per source (by index), what --image-opts gave: its format, driver options and force-share */
+  sourceSpecs?: ReadonlyArray<{ format?: string; imageOptions?: ImageOptions; forceShare?: boolean } | undefined>;
+  /** -n with --target-image-opts: the target's driver options */
+  targetImageOptions?: ImageOptions;
+  /** --object secrets: for the sources, the new target's creation (-o encrypt.key-secret=ID) and its open */
+  secrets?: SecretStore;
+}
+
+/** The key-secret options of a new image (`encrypt.key-secret`, luks `key-secret`), which its open needs too (as qemu-img). */
+function keySecretOptions(options: ParsedOptions): ImageOptions | undefined {
+  const out: Record<string, string> = {};
+  for (const [k, v] of options.values) if (k.endsWith('key-secret') && typeof v === 'string') out[k] = v;
+  return Object.keys(out).length ? out : undefined;
 }
 
 /** An error qemu-img reports without a file name (an empty `file` keeps the CLI from adding one). */
@@ -54,9 +70,17 @@ export async function convert(req: ConvertRequest): Promise<void> {
   /** an external data file this conversion created (removed with the output on failure) */
   let createdDataFile: string | undefined;
   try {
-    for (const f of req.sources) {
+    for (const [i, f] of req.sources.entries()) {
+      const spec = req.sourceSpecs?.[i];
       try {
-        sources.push(await openImage(f, { format: req.sourceFormat, forceShare: req.forceShare }));
+        sources.push(
+          await openImage(f, {
+            format: spec?.format ?? req.sourceFormat,
+            forceShare: req.forceShare || spec?.forceShare,
+            secrets: req.secrets,
+            imageOptions: spec?.imageOptions,
+          }),
+        );
       } catch (err) {
         if (err instanceof QimgError && err.file === undefined) throw new QimgError(err.message, { file: f, cause: err });
         throw err;
@@ -70,6 +94,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
     }
     const total = inputs.reduce((n, s) => n + s.virtualSize, 0);
 
+    let targetOptions = req.noCreate ? req.targetImageOptions : undefined;
     if (!req.noCreate) {
       const prepared = await prepareCreate({
         filename: req.output,
@@ -78,15 +103,19 @@ export async function convert(req: ConvertRequest): Promise<void> {
         size: String(total),
         backingFile: req.backingFile,
         backingFormat: req.backingFormat,
+        secrets: req.secrets,
       });
       if (prepared === 'help') throw new QimgError('-o help is handled by the caller');
+      targetOptions = keySecretOptions(prepared.options);
       const existed = await stat(req.output).then(
         (s) => s.isBlockDevice(),
         () => false,
       );
       if (req.compress) {
         // qemu-img refuses these before creating anything
-        const prealloc = prepared.options.values.get('preallocation');
+        const values = prepared.options.values;
+        if (values.get('encryption') === true || values.has('encrypt.format')) throw unnamed('Compression and encryption not supported at the same time');
+        const prealloc = values.get('preallocation');
         if (prealloc !== undefined && prealloc !== 'off') throw unnamed('Compression and preallocation not supported at the same time');
       }
       created = !existed;
@@ -104,7 +133,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
         throw err;
       }
     }
-    target = await openImage(req.output, { format: req.outputFormat, writable: true });
+    target = await openImage(req.output, { format: req.outputFormat, writable: true, secrets: req.secrets, imageOptions: targetOptions });
     if (target.virtualSize < total) throw unnamed('output file is smaller than input file');
     const t = target as BlockImage & { unsafeCache?: boolean; clusterSize?: number };
     // qemu-img's default cache mode for the target is unsafe: no flush until the end.
@@ -112,7 +141,8 @@ export async function convert(req: ConvertRequest): Promise<void> {
 
     const opts: CopyOptions = {
       sparseSize: req.sparseSize ?? 4096,
-      targetIsZero: !req.noCreate ? req.backingFile === undefined : !!req.targetIsZero,
+      // a new luks target reads as noise, not zeros: its zero ranges are written (as qemu-img)
+      targetIsZero: !req.noCreate ? req.backingFile === undefined && !findDriver(req.outputFormat)?.noZeroInit : !!req.targetIsZero,
       topOnly: req.backingFile !== undefined,
       // Compression is the bottleneck of -c: reading further ahead than the workers
       // can take only holds more buffers (peak memory), so -c reads 4 ahead unless -m says.

@@ -9,6 +9,7 @@ import { QimgError } from '../core/errors.js';
 import { openImage, resolveRelative } from '../core/open.js';
 import { parseOptions, type ParsedOptions } from '../core/options.js';
 import { parseImageSize, roundToSectors } from '../core/size.js';
+import type { SecretStore } from '../core/secrets.js';
 
 export interface CreateRequest {
   filename: string;
@@ -19,6 +20,8 @@ export interface CreateRequest {
   backingFormat?: string;
   /** -u: do not open the backing file */
   unsafe?: boolean;
+  /** --object secrets (`-o encrypt.key-secret=ID`, luks `key-secret=ID`) */
+  secrets?: SecretStore;
 }
 
 export interface PreparedCreate {
@@ -96,7 +99,7 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
         throw new QimgError(`The image size is too large for file format '${driver.name}'${hint}`, { file });
       }
       try {
-        await driver.create!(file, Number(rounded), options.values);
+        await driver.create!(file, Number(rounded), options.values, { secrets: req.secrets });
       } catch (err) {
         throw err instanceof QimgError && err.file === undefined ? new QimgError(err.message, { file, cause: err }) : err;
       }

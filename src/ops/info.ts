@@ -7,11 +7,14 @@ import { realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { ImageInfo } from '../core/block-image.js';
 import { QimgError } from '../core/errors.js';
-import { MAX_CHAIN_DEPTH, openImage } from '../core/open.js';
+import { MAX_CHAIN_DEPTH, openImage, type OpenOptions } from '../core/open.js';
 import { assertReferenceAllowed } from '../core/open-policy.js';
 
-export async function imageInfo(filename: string, format?: string, forceShare = false): Promise<ImageInfo> {
-  const img = await openImage(filename, { format, metadataOnly: true, forceShare });
+/** --object secrets and --image-opts options for the image named on the command line */
+export type ImageOpenExtras = Pick<OpenOptions, 'secrets' | 'imageOptions'>;
+
+export async function imageInfo(filename: string, format?: string, forceShare = false, extras: ImageOpenExtras = {}): Promise<ImageInfo> {
+  const img = await openImage(filename, { format, metadataOnly: true, forceShare, secrets: extras.secrets, imageOptions: extras.imageOptions });
   try {
     return await img.info();
   } finally {
@@ -19,8 +22,11 @@ export async function imageInfo(filename: string, format?: string, forceShare = 
   }
 }
 
-/** Info for every layer, top first; loops and excessive depth are errors. */
-export async function chainInfo(filename: string, format?: string, forceShare = false): Promise<ImageInfo[]> {
+/**
+ * Info for every layer, top first; loops and excessive depth are errors. `extras`
+ * options apply to the top image (qemu-img opens the lower layers by name).
+ */
+export async function chainInfo(filename: string, format?: string, forceShare = false, extras: ImageOpenExtras = {}): Promise<ImageInfo[]> {
   const out: ImageInfo[] = [];
   const seen = new Set<string>();
   let name: string | undefined = filename;
@@ -37,7 +43,7 @@ export async function chainInfo(filename: string, format?: string, forceShare = 
     seen.add(real);
     let info: ImageInfo;
     try {
-      info = await imageInfo(name, fmt, forceShare);
+      info = await imageInfo(name, fmt, forceShare, out.length === 0 ? extras : { secrets: extras.secrets });
     } catch (err) {
       if (out.length === 0 || !(err instanceof QimgError)) throw err;
       throw new QimgError(err.message, { file: name, cause: err });

@@ -10,6 +10,7 @@ import { creationRefusal, findDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
 import { parseOptions } from '../core/options.js';
 import type { OptionValue } from '../core/options.js';
+import type { SecretStore } from '../core/secrets.js';
 
 export interface MeasureResult {
   required: number;
@@ -100,7 +101,14 @@ function qcow2MeasureSpec(o: Map<string, OptionValue>): { clusterSize: number; r
 /** QCOW_MAX_L1_SIZE: the L1 table may take at most 32 MiB. */
 const MAX_L1_BYTES = 32 * 1024 * 1024;
 
-export async function measure(opts: { format: string; optionStrings: string[]; size?: bigint; source?: BlockImage }): Promise<MeasureResult | 'help'> {
+export async function measure(opts: {
+  format: string;
+  optionStrings: string[];
+  size?: bigint;
+  source?: BlockImage;
+  /** --object secrets (luks: `-o key-secret=ID` must name one) */
+  secrets?: SecretStore;
+}): Promise<MeasureResult | 'help'> {
   const driver = findDriver(opts.format);
   if (!driver) throw new QimgError(`Unknown file format '${opts.format}'`);
   const refusal = creationRefusal(driver);
@@ -111,6 +119,14 @@ export async function measure(opts: { format: string; optionStrings: string[]; s
   if (driver.name === 'raw') {
     const required = src ? src.virtualSize : Number(roundUp(Number(opts.size ?? 0n), 512));
     return { required, fullyAllocated: required };
+  }
+  // formats with their own measure (luks): errors without a file name, as qemu-img's
+  if (driver.measure) {
+    try {
+      return await driver.measure(src ? src.virtualSize : Number(opts.size ?? 0n), parsed.values, { secrets: opts.secrets });
+    } catch (err) {
+      throw err instanceof QimgError && err.file === undefined ? new QimgError(err.message, { file: '', cause: err }) : err;
+    }
   }
   if (driver.name !== 'qcow2') throw new QimgError(`Block driver '${driver.name}' does not support size measurement`, { file: '' });
   const virtual = src ? src.virtualSize : Number(opts.size ?? 0n);

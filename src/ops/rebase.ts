@@ -6,7 +6,7 @@
  */
 import type { BlockImage } from '../core/block-image.js';
 import { QimgError } from '../core/errors.js';
-import { openImage, resolveRelative } from '../core/open.js';
+import { openImage, resolveRelative, type OpenOptions } from '../core/open.js';
 import { allocIoBuffer } from '../io/buffers.js';
 
 export interface RebaseOptions {
@@ -17,6 +17,9 @@ export interface RebaseOptions {
   /** -c: differing clusters are stored compressed */
   compress?: boolean;
   onProgress?: (done: number, total: number) => void;
+  /** --object secrets (for every image opened) and --image-opts options (for the image) */
+  secrets?: OpenOptions['secrets'];
+  imageOptions?: OpenOptions['imageOptions'];
 }
 
 const CHUNK = 2 * 1024 * 1024;
@@ -26,7 +29,7 @@ export async function rebaseImage(filename: string, opts: RebaseOptions): Promis
   if (!removing && opts.backingFormat === undefined) {
     throw new QimgError(`Could not change the backing file to '${opts.backing}': backing format must be specified`, { file: filename });
   }
-  const img = await openImage(filename, { format: opts.format, writable: true, noBacking: !!opts.unsafe });
+  const img = await openImage(filename, { format: opts.format, writable: true, noBacking: !!opts.unsafe, secrets: opts.secrets, imageOptions: opts.imageOptions });
   let fresh: BlockImage | null = null;
   try {
     // qemu-img's bdrv_change_backing_file() answer for formats without backing files (unnamed)
@@ -34,7 +37,7 @@ export async function rebaseImage(filename: string, opts: RebaseOptions): Promis
     if (!opts.unsafe) {
       if (!removing) {
         try {
-          fresh = await openImage(resolveRelative(opts.backing, filename), { format: opts.backingFormat });
+          fresh = await openImage(resolveRelative(opts.backing, filename), { format: opts.backingFormat, secrets: opts.secrets });
         } catch (err) {
           throw new QimgError(`Could not open new backing file '${opts.backing}': ${err instanceof Error ? err.message : String(err)}`, { file: filename });
         }

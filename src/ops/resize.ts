@@ -1,6 +1,6 @@
 /** `resize`: grow or (with --shrink) shrink an image's virtual size. */
 import { QimgError } from '../core/errors.js';
-import { openImage } from '../core/open.js';
+import { openImage, type OpenOptions } from '../core/open.js';
 import { parseImageSize } from '../core/size.js';
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
@@ -28,11 +28,11 @@ export async function resizeImage(
   filename: string,
   format: string | undefined,
   sizeText: string,
-  opts: { shrink?: boolean; preallocation?: Preallocation },
+  opts: { shrink?: boolean; preallocation?: Preallocation } & Pick<OpenOptions, 'secrets' | 'imageOptions'>,
 ): Promise<void> {
   const mode = opts.preallocation ?? 'off';
   if (!['off', 'metadata', 'falloc', 'full'].includes(mode)) throw new QimgError(`Invalid preallocation mode '${mode}'`);
-  const img = await openImage(filename, { format, writable: true });
+  const img = await openImage(filename, { format, writable: true, secrets: opts.secrets, imageOptions: opts.imageOptions });
   try {
     const size = resolveNewSize(sizeText, img.virtualSize);
     // After the shrink check, without a file name, as qemu-img's blk_truncate() reports it

@@ -1,7 +1,7 @@
 /** `snapshot`: list, create, apply and delete internal snapshots (qcow2). */
 import type { SnapshotInfo } from '../core/block-image.js';
 import { QimgError } from '../core/errors.js';
-import { openImage } from '../core/open.js';
+import { openImage, type OpenOptions } from '../core/open.js';
 import type { Qcow2Image } from '../formats/qcow2/driver.js';
 import { applySnapshot, createSnapshot, deleteSnapshot } from '../formats/qcow2/snapshot-ops.js';
 
@@ -9,17 +9,26 @@ export type SnapshotAction = { kind: 'list' } | { kind: 'create' | 'apply' | 'de
 
 const VERB = { create: 'create', apply: 'apply', delete: 'delete' } as const;
 
-/** Runs one action; `list` returns the snapshots (empty for formats without any). */
-export async function snapshotCommand(filename: string, format: string | undefined, action: SnapshotAction, forceShare = false): Promise<SnapshotInfo[]> {
+/**
+ * Runs one action; `list` returns the snapshots (empty for formats without any).
+ * `extras`: --object secrets and --image-opts options for the open.
+ */
+export async function snapshotCommand(
+  filename: string,
+  format: string | undefined,
+  action: SnapshotAction,
+  forceShare = false,
+  extras: Pick<OpenOptions, 'secrets' | 'imageOptions'> = {},
+): Promise<SnapshotInfo[]> {
   if (action.kind === 'list') {
-    const img = await openImage(filename, { format, metadataOnly: true, forceShare });
+    const img = await openImage(filename, { format, metadataOnly: true, forceShare, ...extras });
     try {
       return (await img.info()).snapshots ?? [];
     } finally {
       await img.close();
     }
   }
-  const img = await openImage(filename, { format, writable: true, noBacking: true });
+  const img = await openImage(filename, { format, writable: true, noBacking: true, ...extras });
   try {
     if (img.format !== 'qcow2') {
       throw new QimgError(`Could not ${VERB[action.kind]} snapshot '${action.name}': Operation not supported`, { file: filename });

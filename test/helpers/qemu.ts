@@ -67,3 +67,20 @@ export function tempDir(prefix = 'qimg-test-'): { path: string; cleanup: () => v
 export function sha256File(path: string): string {
   return createHash('sha256').update(readFileSync(path)).digest('hex');
 }
+
+/** qemu 7.2's PBKDF calibration fails now and then on virtual machines. */
+const CALIBRATION_FAILURE = /Unable to get accurate CPU usage/;
+
+/** Runs `f` again (up to 8 times) while qemu-img fails only because of its PBKDF calibration. */
+export async function retryingCalibration(f: () => RunResult | Promise<RunResult>): Promise<RunResult> {
+  let r = await f();
+  for (let i = 0; i < 8 && r.status !== 0 && CALIBRATION_FAILURE.test(r.stderr); i++) r = await f();
+  return r;
+}
+
+/** The synchronous form, for tests that run qemu-img with spawnSync. */
+export function retryingCalibrationSync(f: () => RunResult): RunResult {
+  let r = f();
+  for (let i = 0; i < 8 && r.status !== 0 && CALIBRATION_FAILURE.test(r.stderr); i++) r = f();
+  return r;
+}

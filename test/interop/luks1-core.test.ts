@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, ftruncateSync, openSync, readSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { qemuAvailable, run, tempDir, type RunResult } from '../helpers/qemu.js';
+import { qemuAvailable, run, tempDir, type RunResult, retryingCalibration } from '../helpers/qemu.js';
 import { runAsync } from '../hostile/mutate.js';
 import {
   amendLuks1,
@@ -112,15 +112,8 @@ function expectIoOk(r: RunResult, what: string): void {
   expect(r.stdout + r.stderr).not.toMatch(/Pattern verification failed|can't open|error/i);
 }
 
-/** qemu-img's PBKDF calibration fails now and then on VMs ("Unable to get accurate CPU usage"): retry. */
-async function qemuRetry(args: string[]): Promise<RunResult> {
-  let r: RunResult = { status: 1, stdout: '', stderr: '' };
-  for (let attempt = 0; attempt < 8; attempt++) {
-    r = await runAsync('qemu-img', args, d);
-    if (r.status === 0 || !/Unable to get accurate CPU usage/.test(r.stderr)) break;
-  }
-  return r;
-}
+/** qemu-img, repeated when only its PBKDF calibration failed. */
+const qemuRetry = (args: string[]): Promise<RunResult> => retryingCalibration(() => runAsync('qemu-img', args, d));
 
 async function qemuCreate(name: string, opts: string): Promise<void> {
   const r = await qemuRetry([

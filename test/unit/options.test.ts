@@ -248,10 +248,8 @@ describe.skipIf(!enabled)('vs qemu-img create -f qcow2 -o ...', () => {
     expect(formatOptionHelp('raw', rawCreateOptions, 'x.raw')).toBe(qf.stdout);
   });
 
-  it('-o help (qcow2) lists qimg\'s options as qemu does (qemu also has encrypt.* / encryption)', () => {
+  it('-o help (qcow2) lists qimg\'s options as qemu does, encrypt.* and encryption included', () => {
     const q = qemuImg(['create', '-f', 'qcow2', '-o', 'help']);
-    const qemuLines = q.stdout.split('\n').filter((l) => !/^ {2}encrypt/.test(l));
-    const mine = formatOptionHelp('qcow2', qcow2CreateOptions).split('\n');
-    expect(mine).toEqual(qemuLines);
+    expect(formatOptionHelp('qcow2', qcow2CreateOptions)).toBe(q.stdout);
   });
 });

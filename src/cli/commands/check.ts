@@ -1,10 +1,12 @@
-/** `qimg check [-f fmt] [--output=human|json] [-r leaks|all] [-q] [-U] FILE` */
+/** `qimg check [--object OBJDEF] [--image-opts] [-f fmt] [--output=human|json] [-r leaks|all] [-q] [-U] FILE` */
 import type { Command } from 'commander';
 import { QimgError } from '../../core/errors.js';
 import { checkExitCode, checkImage, FIX_ERRORS, FIX_LEAKS, type ImageCheck } from '../../ops/check.js';
 import { UsageError } from '../errors.js';
 import { prettyJson } from '../output/json.js';
-import { parseOutputFormat, writeOut } from './common.js';
+import type { ImageOptions, SecretStore } from '../../core/secrets.js';
+import { addImageOptsOption, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
+import { resolveImage } from './image-opts.js';
 
 interface CheckCliOptions {
   format?: string;
@@ -13,10 +15,25 @@ interface CheckCliOptions {
   quiet?: boolean;
   forceShare?: boolean;
   cache?: string;
+  object: string[];
+  imageOpts?: boolean;
+}
+
+/** What one check run needs besides the file. */
+interface CheckRun {
+  format?: string;
+  fix: number;
+  json: boolean;
+  quiet: boolean;
+  forceShare: boolean;
+  /** the image as the JSON report names it (the argument as given) */
+  name: string;
+  secrets: SecretStore;
+  imageOptions?: ImageOptions;
 }
 
 export function registerCheck(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
-  program
+  const cmd = program
     .command('check')
     .description('check an image for consistency (and repair it with -r)')
     .option('-f, --format <fmt>', 'image format (probed when absent)')
@@ -24,10 +41,12 @@ export function registerCheck(program: Command, run: (file: string | undefined, 
     .option('-r, --repair <mode>', "repair: 'leaks' (leaked clusters only) or 'all'")
     .option('-q, --quiet', 'quiet mode')
     .option('-U, --force-share', 'open even if the image is in use (read-only)')
-    .option('-T, --cache <mode>', 'cache mode for the image (accepted, ignored)')
+    .option('-T, --cache <mode>', 'cache mode for the image (accepted, ignored)');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd)
     .argument('<filename>')
     .action((filename: string, opts: CheckCliOptions) =>
-      run(filename, async () => {
+      run(opts.imageOpts ? undefined : filename, () => withObjects(opts.object, async (secrets) => {
         const output = parseOutputFormat(opts.output);
         let fix = 0;
         if (opts.repair !== undefined) {
@@ -38,13 +57,23 @@ export function registerCheck(program: Command, run: (file: string | undefined, 
         if (fix && opts.forceShare) {
           throw new QimgError(`Could not open '${filename}': force-share=on can only be used with read-only images`);
         }
-        return checkCommand(filename, { format: opts.format, fix, json: output === 'json', quiet: !!opts.quiet, forceShare: !!opts.forceShare });
-      }),
+        const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, forceShare: opts.forceShare, writable: fix !== 0, opensBacking: true, secrets });
+        return checkCommand(spec.path, {
+          format: spec.format,
+          fix,
+          json: output === 'json',
+          quiet: !!opts.quiet,
+          forceShare: spec.forceShare,
+          name: filename,
+          secrets,
+          imageOptions: spec.imageOptions,
+        });
+      })),
     );
 }
 
 /** Runs the check (and, after repairs, the second read-only pass); returns the exit code. */
-async function checkCommand(filename: string, o: { format?: string; fix: number; json: boolean; quiet: boolean; forceShare: boolean }): Promise<number> {
+async function checkCommand(filename: string, o: CheckRun): Promise<number> {
   // Per-problem lines go to stderr, batched (a damaged image can have millions).
   let pending = '';
   const flushLog = () => {
@@ -68,11 +97,12 @@ async function checkCommand(filename: string, o: { format?: string; fix: number;
 
 async function runChecks(
   filename: string,
-  o: { format?: string; fix: number; json: boolean; forceShare?: boolean },
+  o: CheckRun,
   log: (line: string) => void,
   out: (text: string) => Promise<void>,
 ): Promise<number> {
-  let result = await checkImage(filename, { format: o.format, fix: o.fix, log, forceShare: o.forceShare });
+  const checkOptions = { format: o.format, log, forceShare: o.forceShare, secrets: o.secrets, imageOptions: o.imageOptions };
+  let result = { ...(await checkImage(filename, { ...checkOptions, fix: o.fix })), filename: o.name };
   if (result.corruptionsFixed || result.leaksFixed) {
     if (!o.json) {
       await out(
@@ -83,7 +113,7 @@ async function runChecks(
       );
     }
     const { leaksFixed, corruptionsFixed } = result;
-    result = await checkImage(filename, { format: o.format, fix: 0, log, forceShare: o.forceShare });
+    result = { ...(await checkImage(filename, { ...checkOptions, fix: 0 })), filename: o.name };
     result.leaksFixed = leaksFixed;
     result.corruptionsFixed = corruptionsFixed;
   }
@@ -91,7 +121,7 @@ async function runChecks(
   await out(o.json ? prettyJson(checkJson(result)) + '\n' : checkHuman(result));
 
   const code = checkExitCode(result);
-  if (code === 1) throw new QimgError('Check failed', { file: filename, exitCode: 1 });
+  if (code === 1) throw new QimgError('Check failed', { file: o.name, exitCode: 1 });
   return code;
 }
 

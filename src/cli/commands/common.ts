@@ -1,5 +1,10 @@
-/** Option parsing shared by subcommands. */
+/** Option parsing shared by subcommands: --output, -o lists, --object and --image-opts. */
+import { writeSync } from 'node:fs';
+import type { Command } from 'commander';
+import { SecretStore } from '../../core/secrets.js';
+import { programName } from '../../core/program-name.js';
 import { UsageError } from '../errors.js';
+import { ObjectError, addObjects, objectHelp } from '../object-options.js';
 
 export type OutputFormat = 'human' | 'json';
 
@@ -20,4 +25,64 @@ export function writeOut(text: string): Promise<void> {
 /** commander accumulator for repeatable options such as -o. */
 export function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
+}
+
+/**
+ * `--object OBJDEF`, repeatable. A help request (`--object help`, `secret,help`) is
+ * answered while the options are parsed and ends the program, as qemu-img does; the
+ * objects themselves are created by withObjects when the command runs.
+ */
+export function addObjectOption(cmd: Command): Command {
+  return cmd.option(
+    '--object <objectdef>',
+    'define an object: secret,id=ID,data=VALUE|file=PATH[,format=raw|base64][,keyid=ID,iv=BASE64] (--object help lists the types)',
+    (value: string, previous: string[]) => {
+      const help = objectHelp(value);
+      if (help !== undefined) {
+        writeSync(1, help);
+        process.exit(0);
+      }
+      return [...previous, value];
+    },
+    [] as string[],
+  );
+}
+
+/** `--image-opts`: FILENAME is an option string. */
+export function addImageOptsOption(cmd: Command, what = 'FILENAME'): Command {
+  return cmd.option('--image-opts', `${what} is an option string: driver=FMT,file.filename=PATH[,encrypt.key-secret=ID|key-secret=ID,...]`);
+}
+
+/**
+ * Runs a command body with the secrets its --object options define. The store is
+ * destroyed (every value zeroed) when the body ends, whatever way it ends. A refused
+ * object exits with `objectErrorCode` (qemu-img's compare uses 2).
+ */
+export async function withObjects(
+  defs: readonly string[] | undefined,
+  body: (secrets: SecretStore) => Promise<number | void>,
+  objectErrorCode = 1,
+): Promise<number | void> {
+  const secrets = new SecretStore();
+  try {
+    try {
+      addObjects(secrets, defs ?? []);
+    } catch (err) {
+      if (err instanceof ObjectError) return reportObjectError(err, objectErrorCode);
+      throw err;
+    }
+    return await body(secrets);
+  } catch (err) {
+    if (err instanceof ObjectError) return reportObjectError(err);
+    throw err;
+  } finally {
+    secrets.destroy();
+  }
+}
+
+/** qemu's message as it prints it: the first line with the program name, a hint line as is. */
+export function reportObjectError(err: ObjectError, exitCode = err.exitCode): number {
+  const [first, ...more] = err.message.split('\n');
+  process.stderr.write([`${programName()}: ${first}`, ...more].join('\n') + '\n');
+  return exitCode;
 }

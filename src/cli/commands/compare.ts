@@ -1,15 +1,16 @@
-/** `qimg compare [-f fmt] [-F fmt] [-s] [-p] [-q] [-U] A B` */
+/** `qimg compare [--object OBJDEF] [--image-opts] [-f fmt] [-F fmt] [-s] [-p] [-q] [-U] A B` */
 import type { Command } from 'commander';
 import type { BlockImage } from '../../core/block-image.js';
-import { openImage } from '../../core/open.js';
 import { compareImages } from '../../ops/compare.js';
 import { formatError } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
-import { writeOut } from './common.js';
+import { ObjectError } from '../object-options.js';
+import { addImageOptsOption, addObjectOption, reportObjectError, withObjects, writeOut } from './common.js';
+import { openResolved, resolveImage } from './image-opts.js';
 import { programName } from '../../core/program-name.js';
 
 export function registerCompare(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
-  program
+  const cmd = program
     .command('compare')
     .description('compare the contents of two images')
     .option('-f, --a-format <fmt>', 'format of the first image')
@@ -18,11 +19,13 @@ export function registerCompare(program: Command, run: (file: string | undefined
     .option('-p, --progress', 'show progress')
     .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
-    .option('-U, --force-share', 'open even if the images are in use')
+    .option('-U, --force-share', 'open even if the images are in use');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd, 'each FILENAME')
     .argument('<filename1>')
     .argument('<filename2>')
-    .action((f1: string, f2: string, opts: { aFormat?: string; bFormat?: string; strict?: boolean; progress?: boolean; progressJson?: boolean; quiet?: boolean; forceShare?: boolean }) =>
-      run(undefined, async () => {
+    .action((f1: string, f2: string, opts: CompareCliOptions) =>
+      run(undefined, () => withObjects(opts.object, async (secrets) => {
         const images: BlockImage[] = [];
         try {
           for (const [name, format] of [
@@ -30,10 +33,12 @@ export function registerCompare(program: Command, run: (file: string | undefined
             [f2, opts.bFormat],
           ] as const) {
             try {
-              images.push(await openImage(name, { format, forceShare: !!opts.forceShare }));
+              const spec = await resolveImage(name, { imageOpts: !!opts.imageOpts, format, forceShare: opts.forceShare, opensBacking: true, secrets });
+              images.push(await openResolved(spec, { secrets }));
             } catch (err) {
               // Could not open an image: exit 2, as qemu-img.
-              process.stderr.write(formatError(err, name).line + '\n');
+              if (err instanceof ObjectError) return reportObjectError(err, 2);
+              process.stderr.write(formatError(err, opts.imageOpts ? undefined : name).line + '\n');
               return 2;
             }
           }
@@ -54,6 +59,18 @@ export function registerCompare(program: Command, run: (file: string | undefined
         } finally {
           for (const img of images) await img.close();
         }
-      }),
+      }, 2)),
     );
+}
+
+interface CompareCliOptions {
+  aFormat?: string;
+  bFormat?: string;
+  strict?: boolean;
+  progress?: boolean;
+  progressJson?: boolean;
+  quiet?: boolean;
+  forceShare?: boolean;
+  object: string[];
+  imageOpts?: boolean;
 }

@@ -1,6 +1,7 @@
 /**
- * `qimg convert [-f fmt] [-O fmt] [-o options] [-B|-b backing [-F fmt]] [-c] [-p] [-q]
- * [-n] [-S size] [-m N] [-W] [--target-is-zero] [-U] [-l snapshot] [-t cache] SRC... DST`
+ * `qimg convert [--object OBJDEF] [--image-opts] [--target-image-opts] [-f fmt] [-O fmt]
+ * [-o options] [-B|-b backing [-F fmt]] [-c] [-p] [-q] [-n] [-S size] [-m N] [-W]
+ * [--target-is-zero] [-U] [-l snapshot] [-t cache] SRC... DST`
  */
 import type { Command } from 'commander';
 import { QimgError } from '../../core/errors.js';
@@ -11,7 +12,8 @@ import { creationRefusal, findDriver } from '../../core/driver.js';
 import { formatOptionHelp, parseOptions } from '../../core/options.js';
 import { UsageError, warn } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
-import { collect, writeOut } from './common.js';
+import { addImageOptsOption, addObjectOption, collect, withObjects, writeOut } from './common.js';
+import { resolveImage, type ImageSpec } from './image-opts.js';
 
 const MAX_SPARSE = 16 * 1024 * 1024;
 const MAX_COROUTINES = 16;
@@ -48,10 +50,13 @@ interface ConvertFlags {
   targetCache?: string;
   sourceCache?: string;
   forceShare?: boolean;
+  object: string[];
+  imageOpts?: boolean;
+  targetImageOpts?: boolean;
 }
 
 export function registerConvert(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
-  program
+  const cmd = program
     .command('convert')
     .description('convert one or more images (concatenated) into a new image')
     .option('-f, --source-format <fmt>', 'format of the source images (probed when absent)')
@@ -73,9 +78,17 @@ export function registerConvert(program: Command, run: (file: string | undefined
     .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
     .option('-U, --force-share', 'open the sources even if they are in use')
+    .option('--target-image-opts', 'the output file is an option string (driver=FMT,file.filename=PATH,...); needs -n');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd, 'each source')
     .argument('[files...]', 'source image(s) followed by the output file')
-    .action((files: string[], opts: ConvertFlags) =>
-      run(files[files.length - 1], async () => {
+    .action((files: string[], opts: ConvertFlags, command: Command) =>
+      run(opts.targetImageOpts ? undefined : files[files.length - 1], () => withObjects(opts.object, async (secrets) => {
+        // qemu-img checks these combinations first, before looking at -O, -o or the files
+        const create = opts.create !== false;
+        if (opts.targetImageOpts && create) throw new UsageError('--target-image-opts requires use of -n flag');
+        if (!create && opts.targetFormatOptions.length > 0) throw new UsageError('-o has no effect when skipping image creation');
+        if (opts.targetIsZero && create) throw new UsageError('--target-is-zero requires use of -n flag');
         const driver = findDriver(opts.targetFormat);
         if (!driver) throw new UsageError(`Unknown file format '${opts.targetFormat}'`);
         // qemu-img reports option and -S errors without a file name prefix
@@ -86,17 +99,14 @@ export function registerConvert(program: Command, run: (file: string | undefined
         }
         for (const w of parsed.warnings) warn(w);
         if (files.length < 2) throw new UsageError('Must specify image file name');
-        const create = opts.create !== false;
         const refusal = creationRefusal(driver);
         if (create && refusal) throw new UsageError(refusal);
-        if (!create && opts.targetFormatOptions.length > 0) throw new UsageError('-o has no effect when skipping image creation');
-        if (opts.targetIsZero && create) throw new UsageError('--target-is-zero requires use of -n flag');
         const backing = opts.backing ?? opts.B;
         if (backing !== undefined && opts.backingFormat === undefined) throw new UsageError('Use of backing file requires explicit backing format');
         if (backing !== undefined && !driver.createOptions.some((o) => o.name === 'backing_file')) {
           throw new UsageError(`Backing file not supported for file format '${driver.name}'`);
         }
-        if (opts.compress && !driver.supportsCompression) throw new UsageError('Compression not supported for this file format');
+        if (opts.compress && !opts.targetImageOpts && !driver.supportsCompression) throw new UsageError('Compression not supported for this file format');
         const parallel = Number(opts.parallel);
         if (!Number.isInteger(parallel) || parallel < 1 || parallel > MAX_COROUTINES) {
           throw new UsageError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`);
@@ -112,12 +122,30 @@ export function registerConvert(program: Command, run: (file: string | undefined
           );
         }
         const snapshot = opts.snapshot !== undefined ? usage(() => parseSnapshotParam(opts.snapshot!)) : undefined;
+        const sources: ImageSpec[] = [];
+        for (const f of files.slice(0, -1)) {
+          sources.push(await resolveImage(f, { imageOpts: !!opts.imageOpts, format: opts.sourceFormat, forceShare: opts.forceShare, opensBacking: true, secrets }));
+        }
+        // with --target-image-opts the target names its format (driver=, or probed); -O conflicts as -f does
+        const target = opts.targetImageOpts
+          ? await resolveImage(files[files.length - 1], {
+              imageOpts: true,
+              format: command.getOptionValueSource('targetFormat') === 'cli' ? opts.targetFormat : undefined,
+              writable: true,
+              opensBacking: true,
+              secrets,
+            })
+          : undefined;
+        if (target && opts.compress && !findDriver(target.format!)?.supportsCompression) throw new UsageError('Compression not supported for this file format');
         const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
         await convert({
-          sources: files.slice(0, -1),
+          sources: sources.map((s) => s.path),
           sourceFormat: opts.sourceFormat,
-          output: files[files.length - 1],
-          outputFormat: driver.name,
+          sourceSpecs: opts.imageOpts ? sources : undefined,
+          output: target?.path ?? files[files.length - 1],
+          outputFormat: target?.format ?? driver.name,
+          targetImageOptions: target?.imageOptions,
+          secrets,
           optionStrings: opts.targetFormatOptions,
           backingFile: backing,
           backingFormat: opts.backingFormat,
@@ -133,6 +161,6 @@ export function registerConvert(program: Command, run: (file: string | undefined
           onProgress: (d, t) => progress.update(d, t),
         });
         progress.finish();
-      }),
+      })),
     );
 }

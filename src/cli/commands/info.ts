@@ -1,30 +1,48 @@
-/** `qimg info [-f fmt] [--output=human|json] [--backing-chain] [-U] FILE` */
+/** `qimg info [--object OBJDEF] [--image-opts] [-f fmt] [--output=human|json] [--backing-chain] [-U] FILE` */
 import type { Command } from 'commander';
 import { chainInfo, imageInfo } from '../../ops/info.js';
 import { infoJson, prettyJson } from '../output/json.js';
 import { infoHuman } from '../output/human.js';
-import { parseOutputFormat, writeOut } from './common.js';
+import { addImageOptsOption, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
+import { resolveImage } from './image-opts.js';
+
+interface InfoCliOptions {
+  format?: string;
+  output?: string;
+  backingChain?: boolean;
+  forceShare?: boolean;
+  object: string[];
+  imageOpts?: boolean;
+}
 
 export function registerInfo(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
-  program
+  const cmd = program
     .command('info')
     .description('show information about an image (and its backing chain)')
     .option('-f, --format <fmt>', 'image format (probed when absent)')
     .option('--output <ofmt>', 'human or json', 'human')
     .option('--backing-chain', 'show every image of the backing chain')
-    .option('-U, --force-share', 'open even if the image is in use (read-only)')
+    .option('-U, --force-share', 'open even if the image is in use (read-only)');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd)
     .argument('<filename>')
-    .action((filename: string, opts: { format?: string; output?: string; backingChain?: boolean; forceShare?: boolean }) =>
-      run(filename, async () => {
-        const output = parseOutputFormat(opts.output);
-        if (opts.backingChain) {
-          const infos = await chainInfo(filename, opts.format, !!opts.forceShare);
-          if (output === 'json') await writeOut(prettyJson(infos.map(infoJson)) + '\n');
-          else await writeOut(infos.map(infoHuman).join('\n'));
-          return;
-        }
-        const info = await imageInfo(filename, opts.format, !!opts.forceShare);
-        await writeOut(output === 'json' ? prettyJson(infoJson(info)) + '\n' : infoHuman(info));
-      }),
+    .action((filename: string, opts: InfoCliOptions) =>
+      run(opts.imageOpts ? undefined : filename, () =>
+        withObjects(opts.object, async (secrets) => {
+          const output = parseOutputFormat(opts.output);
+          // info opens no backing file, so `backing.` options are refused as qemu-img refuses them
+          const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, forceShare: opts.forceShare, secrets });
+          const extras = { secrets, imageOptions: spec.imageOptions };
+          if (opts.backingChain) {
+            const infos = await chainInfo(spec.path, spec.format, spec.forceShare, extras);
+            infos[0] = { ...infos[0], filename: spec.displayName };
+            if (output === 'json') await writeOut(prettyJson(infos.map(infoJson)) + '\n');
+            else await writeOut(infos.map(infoHuman).join('\n'));
+            return;
+          }
+          const info = { ...(await imageInfo(spec.path, spec.format, spec.forceShare, extras)), filename: spec.displayName };
+          await writeOut(output === 'json' ? prettyJson(infoJson(info)) + '\n' : infoHuman(info));
+        }),
+      ),
     );
 }

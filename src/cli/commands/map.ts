@@ -1,26 +1,28 @@
-/** `qimg map [-f fmt] [--output=human|json] [--start-offset N] [--max-length N] [-U] FILE` */
+/** `qimg map [--object OBJDEF] [--image-opts] [-f fmt] [--output=human|json] [--start-offset N] [--max-length N] [-U] FILE` */
 import type { Command } from 'commander';
 import { QimgError } from '../../core/errors.js';
-import { openImage } from '../../core/open.js';
 import { parseOffsetArg } from '../../core/size.js';
 import { mapImage } from '../../ops/map.js';
 import { mapEntryJson } from '../output/json.js';
 import { MAP_HUMAN_HEADER, mapHumanRow } from '../output/human.js';
-import { parseOutputFormat, writeOut } from './common.js';
+import { addImageOptsOption, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
+import { openResolved, resolveImage } from './image-opts.js';
 import { UsageError, warn } from '../errors.js';
 
 export function registerMap(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
-  program
+  const cmd = program
     .command('map')
     .description('show the allocation of every range of an image')
     .option('-f, --format <fmt>', 'image format (probed when absent)')
     .option('--output <ofmt>', 'human or json', 'human')
     .option('-s, --start-offset <offset>', 'first byte to map')
     .option('-l, --max-length <length>', 'bytes to map')
-    .option('-U, --force-share', 'open even if the image is in use (read-only)')
+    .option('-U, --force-share', 'open even if the image is in use (read-only)');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd)
     .argument('<filename>')
-    .action((filename: string, opts: { format?: string; output?: string; startOffset?: string; maxLength?: string; forceShare?: boolean }) =>
-      run(filename, async () => {
+    .action((filename: string, opts: { format?: string; output?: string; startOffset?: string; maxLength?: string; forceShare?: boolean; object: string[]; imageOpts?: boolean }) =>
+      run(opts.imageOpts ? undefined : filename, () => withObjects(opts.object, async (secrets) => {
         const output = parseOutputFormat(opts.output);
         const offsetArg = (text: string, what: string): number => {
           try {
@@ -31,7 +33,8 @@ export function registerMap(program: Command, run: (file: string | undefined, fn
         };
         const start = opts.startOffset !== undefined ? offsetArg(opts.startOffset, 'start offset') : 0;
         const maxLength = opts.maxLength !== undefined ? offsetArg(opts.maxLength, 'max length') : undefined;
-        const img = await openImage(filename, { format: opts.format, forceShare: !!opts.forceShare });
+        const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, forceShare: opts.forceShare, opensBacking: true, secrets });
+        const img = await openResolved(spec, { secrets });
         try {
           if (output === 'json') {
             const parts: string[] = [];
@@ -61,6 +64,6 @@ export function registerMap(program: Command, run: (file: string | undefined, fn
         } finally {
           await img.close();
         }
-      }),
+      })),
     );
 }

@@ -1,7 +1,6 @@
-/** `qimg measure [--output=human|json] [-O fmt] [-o options] [--size N | [-f fmt] [-l snapshot] FILE]` */
+/** `qimg measure [--output=human|json] [-O fmt] [-o options] [--size N | [--object OBJDEF] [--image-opts] [-f fmt] [-l snapshot] FILE]` */
 import type { Command } from 'commander';
 import { findDriver } from '../../core/driver.js';
-import { openImage } from '../../core/open.js';
 import { formatOptionHelp, parseOptions } from '../../core/options.js';
 import { QimgError } from '../../core/errors.js';
 import { parseImageSize } from '../../core/size.js';
@@ -9,10 +8,11 @@ import { measure } from '../../ops/measure.js';
 import { openSnapshotView, parseSnapshotParam } from '../../ops/snapshot-param.js';
 import { UsageError, formatError } from '../errors.js';
 import { prettyJson } from '../output/json.js';
-import { collect, parseOutputFormat, writeOut } from './common.js';
+import { addImageOptsOption, addObjectOption, collect, parseOutputFormat, withObjects, writeOut } from './common.js';
+import { openResolved, resolveImage } from './image-opts.js';
 
 export function registerMeasure(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
-  program
+  const cmd = program
     .command('measure')
     .description('compute the size a new image of some format would need')
     .option('--output <ofmt>', 'human or json', 'human')
@@ -21,20 +21,26 @@ export function registerMeasure(program: Command, run: (file: string | undefined
     .option('-s, --size <size>', 'measure a new empty image of this size')
     .option('-f, --format <fmt>', 'format of FILE')
     .option('-l, --snapshot <snapshot>', 'measure an internal snapshot of FILE')
-    .option('-U, --force-share', 'open even if the image is in use')
+    .option('-U, --force-share', 'open even if the image is in use');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd)
     .argument('[filename]')
-    .action((filename: string | undefined, opts: { output?: string; targetFormat: string; options: string[]; size?: string; format?: string; snapshot?: string; forceShare?: boolean }) =>
-      run(filename, async () => {
+    .action((filename: string | undefined, opts: MeasureCliOptions) =>
+      run(opts.imageOpts ? undefined : filename, () => withObjects(opts.object, async (secrets) => {
         const output = parseOutputFormat(opts.output);
         if (!findDriver(opts.targetFormat)) throw new UsageError(`Unknown file format '${opts.targetFormat}'`);
         if (filename !== undefined && opts.size !== undefined) throw new UsageError('--size N cannot be used together with a filename.');
         if (filename === undefined && opts.size === undefined && !opts.options.some((o) => /(^|,)(help|\?)(,|$)/.test(o))) {
           throw new UsageError('Either --size N or one filename must be specified.');
         }
-        if (filename === undefined && (opts.format !== undefined || opts.snapshot !== undefined)) {
+        if (filename === undefined && (opts.format !== undefined || opts.snapshot !== undefined || opts.imageOpts)) {
           throw new UsageError('--image-opts, -f, and -l require a filename argument.');
         }
-        let source = filename !== undefined ? await openImage(filename, { format: opts.format, forceShare: !!opts.forceShare }) : undefined;
+        const spec =
+          filename !== undefined
+            ? await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, forceShare: opts.forceShare, opensBacking: true, secrets })
+            : undefined;
+        let source = spec ? await openResolved(spec, { secrets }) : undefined;
         const parent = source;
         try {
           if (source && opts.snapshot !== undefined) {
@@ -50,7 +56,7 @@ export function registerMeasure(program: Command, run: (file: string | undefined
             process.stderr.write(formatError(err).line + '\n');
             throw new UsageError(`Invalid options for file format '${driver.name}'`);
           }
-          const r = await measure({ format: opts.targetFormat, optionStrings: opts.options, size, source });
+          const r = await measure({ format: opts.targetFormat, optionStrings: opts.options, size, source, secrets });
           if (r === 'help') {
             const d = findDriver(opts.targetFormat)!;
             await writeOut(formatOptionHelp(d.name, d.createOptions));
@@ -71,6 +77,18 @@ export function registerMeasure(program: Command, run: (file: string | undefined
           if (source && source !== parent) await source.close();
           if (parent) await parent.close();
         }
-      }),
+      })),
     );
+}
+
+interface MeasureCliOptions {
+  output?: string;
+  targetFormat: string;
+  options: string[];
+  size?: string;
+  format?: string;
+  snapshot?: string;
+  forceShare?: boolean;
+  object: string[];
+  imageOpts?: boolean;
 }

@@ -1,11 +1,13 @@
-/** `qimg rebase [-f fmt] [-u] -b BACKING|"" [-F fmt] [-p] [-q] [-c] FILE` */
+/** `qimg rebase [--object OBJDEF] [--image-opts] [-f fmt] [-u] -b BACKING|"" [-F fmt] [-p] [-q] [-c] FILE` */
 import type { Command } from 'commander';
 import { rebaseImage } from '../../ops/rebase.js';
 import { UsageError } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
+import { addImageOptsOption, addObjectOption, withObjects } from './common.js';
+import { resolveImage } from './image-opts.js';
 
 export function registerRebase(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
-  program
+  const cmd = program
     .command('rebase')
     .description("change an image's backing file")
     .option('-f, --format <fmt>', 'image format (probed when absent)')
@@ -19,25 +21,43 @@ export function registerRebase(program: Command, run: (file: string | undefined,
     .option('-p, --progress', 'show progress')
     .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
-    .option('-U, --force-share', 'accepted for compatibility (rebase writes)')
+    .option('-U, --force-share', 'accepted for compatibility (rebase writes)');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd)
     .argument('<filename>')
-    .action(
-      (
-        filename: string,
-        opts: { format?: string; backing?: string; backingFormat?: string; B?: string; backingUnsafe?: boolean; compress?: boolean; progress?: boolean; progressJson?: boolean; quiet?: boolean },
-      ) =>
-        run(filename, async () => {
+    .action((filename: string, opts: RebaseCliOptions) =>
+      run(opts.imageOpts ? undefined : filename, () =>
+        withObjects(opts.object, async (secrets) => {
           if (opts.backing === undefined) throw new UsageError('Must specify backing file (-b)');
+          // -u opens no backing file: `backing.` options are refused then, as qemu-img does
+          const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, writable: true, opensBacking: !opts.backingUnsafe, secrets });
           const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
-          await rebaseImage(filename, {
-            format: opts.format,
+          await rebaseImage(spec.path, {
+            format: spec.format,
             backing: opts.backing,
             backingFormat: opts.backingFormat ?? opts.B,
             unsafe: opts.backingUnsafe,
             compress: opts.compress,
             onProgress: (d, t) => progress.update(d, t),
+            secrets,
+            imageOptions: spec.imageOptions,
           });
           progress.finish();
         }),
+      ),
     );
+}
+
+interface RebaseCliOptions {
+  format?: string;
+  backing?: string;
+  backingFormat?: string;
+  B?: string;
+  backingUnsafe?: boolean;
+  compress?: boolean;
+  progress?: boolean;
+  progressJson?: boolean;
+  quiet?: boolean;
+  object: string[];
+  imageOpts?: boolean;
 }

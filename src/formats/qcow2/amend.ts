@@ -15,9 +15,13 @@ import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header-serialize.js';
 import { readRefcountEntry, writeRefcountEntry } from './refcount.js';
 import type { Qcow2Image } from './driver.js';
+import { ENCRYPT_AMEND_KEYS } from './encryption-amend.js';
 
 /** Options qcow2 can change on an existing image. */
-const AMENDABLE = new Set(['compat', 'lazy_refcounts', 'refcount_bits', 'data_file', 'data_file_raw', 'backing_file', 'backing_fmt', 'size']);
+const AMENDABLE = new Set([
+  'compat', 'lazy_refcounts', 'refcount_bits', 'data_file', 'data_file_raw', 'backing_file', 'backing_fmt', 'size',
+  ...ENCRYPT_AMEND_KEYS,
+]);
 
 export interface AmendPlan {
   version: number;

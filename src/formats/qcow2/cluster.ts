@@ -136,7 +136,7 @@ export class ClusterWriter {
           // A preallocated zero cluster: the rest of it must read as zeros afterwards.
           const buf = Buffer.alloc(cs);
           data.copy(buf, pos - clusterStart, pos - offset, pos - offset + n);
-          await this.img.dataTarget.write(buf, host);
+          await this.img.writeData(buf, host, clusterStart);
           storeEntry(slot.table, index, false, { ...e, ...hostEntry(host, true) });
           this.img.markL2Dirty(slot);
         } else {
@@ -149,7 +149,7 @@ export class ClusterWriter {
             if (decodeCluster(slot.table, slot.offset, index + k, this.g, this.img.filename).type !== Sub.Normal) break;
             runEnd = Math.min(end, clusterStart + (k + 1) * cs);
           }
-          await this.img.dataTarget.write(data.subarray(pos - offset, runEnd - offset), host + (pos - clusterStart));
+          await this.img.writeData(data.subarray(pos - offset, runEnd - offset), host + (pos - clusterStart), pos);
           pos = runEnd;
           continue;
         }
@@ -167,7 +167,7 @@ export class ClusterWriter {
       const runEnd = Math.min(end, clusterStart + count * cs);
       const host = await this.allocateData(clusterStart, count);
       const buf = await this.composeRun(clusterStart, count, data, offset, pos, runEnd);
-      await this.img.dataTarget.write(buf, host);
+      await this.img.writeData(buf, host, clusterStart);
       for (let k = 0; k < count; k++) {
         const old = rawEntry(slot.table, index + k, false);
         storeEntry(slot.table, index + k, false, { ...old, ...hostEntry(host + k * cs, true) });
@@ -252,7 +252,7 @@ export class ClusterWriter {
         if (pos > spanFrom) await this.readCurrent(spanFrom, piece.subarray(0, pos - spanFrom));
         if (pos + n < spanTo) await this.readCurrent(pos + n, piece.subarray(pos + n - spanFrom));
         data.copy(piece, pos - spanFrom, pos - offset, pos - offset + n);
-        await this.img.dataTarget.write(piece, target + (spanFrom - clusterStart));
+        await this.img.writeData(piece, target + (spanFrom - clusterStart), spanFrom);
         storeEntry(slot.table, index, true, {
           ...hostEntry(target, true),
           allocBits: (e.allocBits | touched) >>> 0,
@@ -262,7 +262,7 @@ export class ClusterWriter {
         // Compressed or shared with a snapshot: copy the whole cluster.
         const target = await this.allocateData(clusterStart, 1);
         const buf = await this.composeRun(clusterStart, 1, data, offset, pos, pos + n);
-        await this.img.dataTarget.write(buf, target);
+        await this.img.writeData(buf, target, clusterStart);
         storeEntry(slot.table, index, true, { ...hostEntry(target, true), allocBits: ALL_SUBCLUSTERS, zeroBits: 0 });
         this.releaseReplaced(e, slot.offset, index, target);
       }

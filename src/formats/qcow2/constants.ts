@@ -40,6 +40,8 @@ export const COMPRESSION_ZSTD = 1;
 export const CRYPT_NONE = 0;
 export const CRYPT_AES = 1;
 export const CRYPT_LUKS = 2;
+/** Encrypted data is ciphered in units of this many bytes (QEMU's crypto sector size). */
+export const ENCRYPTION_SECTOR = 512;
 
 // QEMU's limits (block/qcow2.h)
 export const MAX_BACKING_NAME = 1023;

@@ -14,6 +14,9 @@ import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header-serialize.js';
 import { writeRefcountEntry } from './refcount.js';
 import type { Qcow2Image } from './driver.js';
+import type { SecretStore } from '../../core/secrets.js';
+import type { Luks1CreateOptions } from '../../crypto/luks1.js';
+import { LUKS_CREATE_KEYS } from './options.js';
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
 
@@ -30,12 +33,53 @@ export interface Qcow2CreateSpec {
   backingFormat?: string;
   dataFile?: string;
   dataFileRaw: boolean;
+  /** encrypt the data clusters (the passphrase is the caller's to zero) */
+  encryption?: Qcow2EncryptionSpec;
 }
+
+/** aes: the passphrase alone; luks: the LUKS parameters too (QEMU's names, absent = its defaults). */
+export type Qcow2EncryptionSpec = { format: 'aes' | 'luks' } & Pick<
+  Luks1CreateOptions,
+  'passphrase' | 'cipherAlg' | 'cipherMode' | 'ivgenAlg' | 'ivgenHashAlg' | 'hashAlg' | 'iterTime'
+>;
 
 const V3_REQUIRED = '(use version=v3 or greater)';
 
+/**
+ * The encrypt.* options (and the old `encryption=on`), with qemu-img 7.2's refusals;
+ * the passphrase comes from the secret `encrypt.key-secret` names.
+ */
+function encryptionFromOptions(o: Map<string, OptionValue>, secrets: SecretStore | undefined): Qcow2EncryptionSpec | undefined {
+  let format = o.get('encrypt.format') as string | undefined;
+  const legacy = o.get('encryption') as boolean | undefined;
+  if (legacy === true) {
+    if (format !== undefined) throw new QimgError("'encrypt.format' and its alias 'encryption' can't be used at the same time");
+    format = 'aes';
+  }
+  const luksKeys = LUKS_CREATE_KEYS.filter((k) => o.has(k));
+  if (format === undefined) {
+    if (o.has('encrypt.key-secret') || luksKeys.length > 0) throw new QimgError("Parameter 'encrypt.format' is missing");
+    return undefined;
+  }
+  if (format !== 'aes' && format !== 'luks') throw new QimgError(`Parameter 'format' does not accept value '${format}'`);
+  if (format === 'aes' && luksKeys.length > 0) throw new QimgError(`Parameter '${luksKeys[0]}' is unexpected`);
+  const id = o.get('encrypt.key-secret') as string | undefined;
+  if (id === undefined) throw new QimgError("Parameter 'encrypt.key-secret' is required for cipher");
+  if (!secrets) throw new QimgError(`No secret with id '${id}'`);
+  const spec: Qcow2EncryptionSpec = { format, passphrase: secrets.get(id) };
+  if (format === 'luks') {
+    spec.cipherAlg = o.get('encrypt.cipher-alg') as string | undefined;
+    spec.cipherMode = o.get('encrypt.cipher-mode') as string | undefined;
+    spec.ivgenAlg = o.get('encrypt.ivgen-alg') as string | undefined;
+    spec.ivgenHashAlg = o.get('encrypt.ivgen-hash-alg') as string | undefined;
+    spec.hashAlg = o.get('encrypt.hash-alg') as string | undefined;
+    spec.iterTime = o.get('encrypt.iter-time') as number | undefined;
+  }
+  return spec;
+}
+
 /** Turns `-o` values into a create spec, with qemu-img's refusals. */
-export function qcow2SpecFromOptions(size: number, o: Map<string, OptionValue>): Qcow2CreateSpec {
+export function qcow2SpecFromOptions(size: number, o: Map<string, OptionValue>, secrets?: SecretStore): Qcow2CreateSpec {
   const compat = (o.get('compat') as string | undefined) ?? '1.1';
   let version: 2 | 3;
   if (compat === '0.10' || compat === 'v2') version = 2;
@@ -108,6 +152,7 @@ export function qcow2SpecFromOptions(size: number, o: Map<string, OptionValue>):
     backingFormat,
     dataFile,
     dataFileRaw,
+    encryption: encryptionFromOptions(o, secrets),
   };
 }
 
@@ -142,6 +187,8 @@ export async function createQcow2(path: string, spec: Qcow2CreateSpec): Promise<
   } catch (err) {
     for (const f of created) await unlink(f).catch(() => undefined);
     throw err;
+  } finally {
+    spec.encryption?.passphrase.fill(0);
   }
 }
 
@@ -165,7 +212,8 @@ async function writeQcow2(path: string, spec: Qcow2CreateSpec, created: string[]
     backingFileSize: 0,
     clusterBits: Math.log2(cs),
     size: spec.size,
-    cryptMethod: C.CRYPT_NONE,
+    // LUKS is set up (and the method switched to it) once the image exists
+    cryptMethod: spec.encryption?.format === 'aes' ? C.CRYPT_AES : C.CRYPT_NONE,
     l1Size,
     l1TableOffset: l1Offset,
     refcountTableOffset: reftableOffset,
@@ -245,6 +293,8 @@ async function writeQcow2(path: string, spec: Qcow2CreateSpec, created: string[]
     }
   }
 
+  if (spec.encryption?.format === 'luks') await setUpLuks(path, spec.encryption);
+
   // A raw data file must stay a valid raw image: QEMU maps all of it up front.
   const mode = spec.preallocation === 'off' && spec.dataFileRaw ? 'metadata' : spec.preallocation;
   if (mode !== 'off') {
@@ -254,6 +304,37 @@ async function writeQcow2(path: string, spec: Qcow2CreateSpec, created: string[]
     } finally {
       await img.close();
     }
+  }
+}
+
+/**
+ * Puts a LUKS header into a new image as QEMU does: clusters allocated after the
+ * initial structures for the whole header area (the payload offset LUKS computes),
+ * zeroed, the header and key slot 0 written there, then the crypto header extension
+ * and crypt_method 2 switched on in the qcow2 header.
+ */
+async function setUpLuks(path: string, enc: Qcow2EncryptionSpec): Promise<void> {
+  const { createLuks1 } = await import('../../crypto/luks1.js');
+  const img = (await openImage(path, { format: 'qcow2', writable: true, noBacking: true })) as Qcow2Image;
+  try {
+    let area: { offset: number; length: number } | null = null;
+    const vol = await createLuks1(
+      async (offset, buf) => {
+        if (!area || offset + buf.length > area.length) throw new QimgError('Request for data outside of extension header');
+        await img.file.write(buf, area.offset + offset);
+      },
+      {
+        ...enc,
+        optPrefix: 'encrypt.',
+        init: async (payloadOffset) => {
+          area = await img.reserveCryptoArea(payloadOffset);
+        },
+      },
+    );
+    vol.masterKey.fill(0);
+    await img.enableLuks(area!);
+  } finally {
+    await img.close();
   }
 }
 
@@ -270,6 +351,8 @@ export function describeQcow2Create(size: bigint, o: { values: Map<string, Optio
     if (v !== undefined) parts.push(`${k}=${v}`);
     else if (def !== undefined) parts.push(`${k}=${def}`);
   };
+  // qemu-img prints the encryption options first, in this order
+  for (const k of ['encryption', 'encrypt.format', 'encrypt.key-secret', ...LUKS_CREATE_KEYS]) str(k);
   num('cluster_size', '65536');
   str('extended_l2', 'off');
   str('preallocation');

@@ -5,7 +5,7 @@
  */
 import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus, type SnapshotInfo } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
-import { CorruptImageError, QimgError, UnsupportedError } from '../../core/errors.js';
+import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { joinBackingName, resolveRelative, type OpenContext } from '../../core/open.js';
 import { existsSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
@@ -28,9 +28,10 @@ import { writeU64 } from '../../core/units.js';
 import { cloneHeader, serializeHeader } from './header-serialize.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
 import { readLuksInfo } from './luks.js';
+import type { Qcow2Encryption } from './encryption.js';
 import { checkQcow2, FIX_ERRORS, FIX_LEAKS } from './check.js';
 import { assertReferenceAllowed, untrustedMode } from '../../core/open-policy.js';
-import { qcow2CreateOptions } from './options.js';
+import { qcow2AmendOptions, qcow2CreateOptions } from './options.js';
 import { createQcow2, describeQcow2Create, qcow2SpecFromOptions } from './create.js';
 
 /** L2 cache budget: enough tables to map 256 GiB with 64 KiB clusters (QEMU's default max 32 MiB). */
@@ -60,6 +61,8 @@ export class Qcow2Image implements BlockImage {
   private isView = false;
   /** skip fsync barriers (convert's target, like qemu-img's cache=unsafe) */
   unsafeCache = false;
+  /** the data cipher of an encrypted image (null: plain, or opened for metadata only) */
+  encryption: Qcow2Encryption | null = null;
 
   constructor(
     readonly file: HostFile,
@@ -286,8 +289,37 @@ export class Qcow2Image implements BlockImage {
     await this.lock.run(async () => {
       await this.beginModification();
       this.compressedCache = null;
-      await this.writer.write(offset, data);
+      await this.writer.write(...(await this.sectorAligned(offset, data)));
     });
+  }
+
+  /**
+   * Encrypted data is ciphered in whole 512-byte sectors: a request that starts or ends
+   * inside one takes the rest of that sector from the current content (QEMU's block
+   * layer pads the same way for encrypted images).
+   */
+  private async sectorAligned(offset: number, data: Buffer): Promise<[number, Buffer]> {
+    if (!this.encryption) return [offset, data];
+    const head = offset % C.ENCRYPTION_SECTOR;
+    const end = offset + data.length;
+    const tail = (C.ENCRYPTION_SECTOR - (end % C.ENCRYPTION_SECTOR)) % C.ENCRYPTION_SECTOR;
+    if (head === 0 && tail === 0) return [offset, data];
+    const start = offset - head;
+    const buf = Buffer.alloc(head + data.length + tail);
+    const readable = (from: number, to: number) => Math.max(0, Math.min(to, this.virtualSize) - from);
+    if (head > 0) await this.read(start, buf.subarray(0, readable(start, offset)));
+    if (tail > 0) {
+      const n = readable(end, end + tail);
+      if (n > 0) await this.read(end, buf.subarray(head + data.length, head + data.length + n));
+    }
+    data.copy(buf, head);
+    return [start, buf];
+  }
+
+  /** Writes guest data at host offset `host` (guest offset `guest`), encrypted when the image is. */
+  async writeData(data: Buffer, host: number, guest: number): Promise<void> {
+    const out = this.encryption ? this.encryption.encrypt(data, host, guest) : data;
+    await this.dataTarget.write(out, host);
   }
 
   async writeZeroes(offset: number, length: number, opts: { mayUnmap?: boolean } = {}): Promise<void> {
@@ -400,6 +432,34 @@ export class Qcow2Image implements BlockImage {
     });
   }
 
+  /** Allocates zeroed clusters for a LUKS header area of `length` bytes (image creation). */
+  async reserveCryptoArea(length: number): Promise<{ offset: number; length: number }> {
+    return this.lock.run(async () => {
+      await this.beginModification();
+      const cs = this.geometry.clusterSize;
+      const clusters = Math.ceil(length / cs);
+      const offset = await this.refcounts.allocate(clusters);
+      const zeros = Buffer.alloc(Math.min(clusters * cs, 1024 * 1024));
+      for (let p = 0; p < clusters * cs; p += zeros.length) await this.file.write(zeros.subarray(0, Math.min(zeros.length, clusters * cs - p)), offset + p);
+      return { offset, length };
+    });
+  }
+
+  /** Switches the header to LUKS encryption with its header at `area` (image creation). */
+  async enableLuks(area: { offset: number; length: number }): Promise<void> {
+    await this.lock.run(async () => {
+      await this.flushMetadata(true);
+      const h = cloneHeader(this.header);
+      h.cryptMethod = C.CRYPT_LUKS;
+      h.crypto = { ...area };
+      const head = Buffer.alloc(this.geometry.clusterSize);
+      serializeHeader(h).copy(head);
+      await this.file.write(head, 0);
+      await this.sync();
+      Object.assign(this.header, h);
+    });
+  }
+
   /** Rewrites cluster 0 with a new backing file name and format (rebase). */
   async setBacking(name: string | undefined, format: string | undefined): Promise<void> {
     await this.lock.run(async () => {
@@ -478,6 +538,7 @@ export class Qcow2Image implements BlockImage {
     const header = { ...this.header, size: sn.diskSize, l1Size: sn.l1Size, l1TableOffset: sn.l1TableOffset };
     const view = new Qcow2Image(this.file, this.filename, header, l1, this.refcountTable_, this.snapshots, this.dataFile, this.backing);
     view.isView = true;
+    view.encryption = this.encryption;
     return view;
   }
 
@@ -618,6 +679,8 @@ export class Qcow2Image implements BlockImage {
   async layerStatus(offset: number, length: number): Promise<LayerStatus> {
     const run = await this.lookup(offset, Math.min(length, this.virtualSize - offset));
     const file = this.dataFile ? this.dataFile.path : this.filename;
+    // QEMU reports no host offsets for encrypted images (their data is not readable raw).
+    if (this.encryption || this.header.cryptMethod !== C.CRYPT_NONE) return encryptedStatus(run);
     switch (run.type) {
       case Sub.Normal: {
         const st: LayerStatus = { length: run.length, data: true, zero: false, hostOffset: run.hostOffset, file };
@@ -686,7 +749,8 @@ export class Qcow2Image implements BlockImage {
       const part = buf.subarray(done, done + run.length);
       switch (run.type) {
         case Sub.Normal:
-          await (this.dataFile ?? this.file).read(part, run.hostOffset!);
+          if (this.encryption) await this.readEncrypted(part, run.hostOffset!, pos);
+          else await (this.dataFile ?? this.file).read(part, run.hostOffset!);
           break;
         case Sub.ZeroPlain:
         case Sub.ZeroAlloc:
@@ -711,6 +775,17 @@ export class Qcow2Image implements BlockImage {
     const n = Math.min(part.length, b.virtualSize - offset);
     await b.read(offset, part.subarray(0, n));
     if (n < part.length) part.fill(0, n);
+  }
+
+  /** Reads and decrypts data of an encrypted image, in the whole sectors around it. */
+  private async readEncrypted(part: Buffer, host: number, guest: number): Promise<void> {
+    const head = guest % C.ENCRYPTION_SECTOR;
+    const total = Math.ceil((head + part.length) / C.ENCRYPTION_SECTOR) * C.ENCRYPTION_SECTOR;
+    const whole = head === 0 && total === part.length;
+    const buf = whole ? part : Buffer.allocUnsafe(total);
+    await this.dataTarget.read(buf, host - head);
+    this.encryption!.decrypt(buf, host - head, guest - head);
+    if (!whole) buf.copy(part, 0, head, head + part.length);
   }
 
   private async readCompressed(offset: number, part: Buffer, c: { hostOffset: number; size: number }): Promise<void> {
@@ -811,8 +886,24 @@ export class Qcow2Image implements BlockImage {
     }
     await this.file.close().catch(() => undefined);
     if (this.dataFile) await this.dataFile.close().catch(() => undefined);
+    this.encryption?.destroy();
     if (this.backing) await this.backing.close();
     if (failure) throw failure;
+  }
+}
+
+/** Block status of an encrypted image: the mapping without host offsets. */
+function encryptedStatus(run: Run): LayerStatus {
+  switch (run.type) {
+    case Sub.Normal:
+      return { length: run.length, data: true, zero: false };
+    case Sub.Compressed:
+      return { length: run.length, data: true, zero: false, compressed: true };
+    case Sub.ZeroPlain:
+    case Sub.ZeroAlloc:
+      return { length: run.length, data: false, zero: true };
+    default:
+      return { length: run.length, data: false, zero: false };
   }
 }
 
@@ -850,9 +941,19 @@ async function openQcow2(file: HostFile, ctx: OpenContext): Promise<BlockImage> 
   if (h.cryptMethod === C.CRYPT_LUKS && !h.crypto && !metadataOnly) {
     throw new CorruptImageError(name, 'Missing CRYPTO header for crypt method 2');
   }
-  if (!metadataOnly && h.cryptMethod !== C.CRYPT_NONE) {
-    throw new UnsupportedError(name, 'Encrypted qcow2 images cannot be read yet (qimg does not support qcow2 encryption)');
+  // encrypt.format (--image-opts) must name what the header says, even for `info`
+  const wantFormat = ctx.options.imageOptions?.['encrypt.format'];
+  if (wantFormat !== undefined) {
+    if (h.cryptMethod === C.CRYPT_NONE) throw new QimgError(`No encryption in image header, but options specified format '${wantFormat}'`, { file: name });
+    const actual = h.cryptMethod === C.CRYPT_LUKS ? 'luks' : 'aes';
+    if (wantFormat !== actual) throw new QimgError(`Header reported '${actual}' encryption format but options specify '${wantFormat}'`, { file: name });
   }
+  // The key is unlocked before anything else is read: a wrong passphrase fails fast.
+  // (the crypto code loads only for encrypted images: it costs every other command's start-up)
+  const encryption =
+    !metadataOnly && h.cryptMethod !== C.CRYPT_NONE
+      ? await (await import('./encryption.js')).openQcow2Encryption(file, h.cryptMethod, h.crypto, ctx.options)
+      : null;
 
   // A read-only layer reads a large L1 table page by page and its refcount table only
   // if it ever needs it: a deep chain of huge images stays within the chain's budget.
@@ -876,9 +977,12 @@ async function openQcow2(file: HostFile, ctx: OpenContext): Promise<BlockImage> 
     }
   } catch (err) {
     if (dataFile) await dataFile.close().catch(() => undefined);
+    encryption?.destroy();
     throw err;
   }
-  return new Qcow2Image(file, name, h, l1, refcountTable, snapshots, dataFile, backing, ctx.cacheBudget);
+  const img = new Qcow2Image(file, name, h, l1, refcountTable, snapshots, dataFile, backing, ctx.cacheBudget);
+  img.encryption = encryption;
+  return img;
 }
 
 /**
@@ -900,9 +1004,10 @@ export const qcow2Driver: FormatDriver = {
   name: 'qcow2',
   probe: (head) => probeQcow2(head),
   createOptions: qcow2CreateOptions,
+  amendOptions: qcow2AmendOptions,
   open: openQcow2,
   describeCreate: describeQcow2Create,
-  create: (path, size, options) => createQcow2(path, qcow2SpecFromOptions(size, options)),
+  create: (path, size, options, ctx) => createQcow2(path, qcow2SpecFromOptions(size, options, ctx?.secrets)),
   // check is the largest module of the driver: loaded only by `check`
   check: async (filename, opts) => (await import('./check.js')).checkQcow2(filename, opts),
   supportsCompression: true,

@@ -35,6 +35,12 @@ export const LUKS_SECTOR_SIZE = 512;
 export const LUKS_KEY_SLOT_OFFSET = 4096;
 export const LUKS_KEY_SLOT_ENABLED = 0x00ac71f3;
 export const LUKS_KEY_SLOT_DISABLED = 0x0000dead;
+/**
+ * PBKDF2 iterations qimg runs for one key slot or master key digest at most. QEMU has
+ * no limit, so a hostile header asking for 2^32-1 makes every try take CPU-hours; a
+ * real one (QEMU's and cryptsetup's 2 s calibration) stays far below.
+ */
+export const LUKS_MAX_PBKDF_ITERATIONS = 100_000_000;
 
 const NAME_LEN = 32;
 const DIGEST_LEN = 20;

@@ -1,0 +1,352 @@
+/**
+ * `--image-opts` / `--target-image-opts`: an image named by an option string
+ * (`driver=qcow2,file.filename=x.qcow2,encrypt.key-secret=s0`) rather than a file name.
+ * Parsed as qemu-img 7.2 parses it (QemuOpts: implied key `file`, `,,` escapes, the
+ * last of repeated keys wins), then checked against what qimg supports, with qemu's
+ * messages (`Could not open 'OPTS': Block format 'raw' does not support the option 'x'`).
+ *
+ * What qimg takes (anything else is refused as qemu refuses an unknown option):
+ * - `driver` (the format; probed when absent), `file.filename`, `file.driver=file`
+ *   (`host_device`/`host_cdrom` for block and character devices), `file.locking`
+ *   (on/auto; off opens read-only images without locks, as -U; writers still lock);
+ * - for every format: `force-share`, `read-only`, `node-name`, `cache.direct`,
+ *   `cache.no-flush` (checked, not passed on);
+ * - per format, passed to the driver in `imageOptions`: qcow2 and qcow
+ *   `encrypt.key-secret`, `encrypt.format`; luks `key-secret`;
+ * - `backing.KEY` for images with a backing file: KEY is checked against the backing
+ *   file's format (recursively) and passed on (core strips the prefix for that layer).
+ *   `backing.driver` and `backing.file.*` are refused: qimg opens backing files by the
+ *   name and format their overlay records.
+ */
+import { statSync } from 'node:fs';
+import { findDriver } from '../../core/driver.js';
+import { QimgError } from '../../core/errors.js';
+import type { BlockImage } from '../../core/block-image.js';
+import { openImage, type OpenOptions } from '../../core/open.js';
+import type { ImageOptions, SecretStore } from '../../core/secrets.js';
+import { UsageError, warn } from '../errors.js';
+import { ObjectError } from '../object-options.js';
+import { qdictOrder, quoteJson } from '../output/json.js';
+
+/** An image argument resolved to what the open needs. */
+export interface ImageSpec {
+  /** the argument as given: a file name, or (--image-opts) the option string */
+  arg: string;
+  /** the image file */
+  path: string;
+  /** -f or driver= (probed when absent) */
+  format?: string;
+  /** options for the format drivers (see the module comment) */
+  imageOptions?: ImageOptions;
+  /** force-share=on, or file.locking=off on a read-only open */
+  forceShare: boolean;
+  /** --image-opts: messages name the image by the option string */
+  imageOpts: boolean;
+  /** the name `info` shows: the file name, or qemu's json:{...} when an option it keeps is set */
+  displayName: string;
+}
+
+export interface ResolveContext {
+  /** --image-opts (or --target-image-opts) was given */
+  imageOpts: boolean;
+  /** -f (or -O for a convert target) */
+  format?: string;
+  /** -U */
+  forceShare?: boolean;
+  /** the command opens the image read-write */
+  writable?: boolean;
+  /** the command opens backing files (not `info`, not `rebase -u`) */
+  opensBacking?: boolean;
+  secrets?: SecretStore;
+}
+
+/** Format-level options qimg passes to each format's driver; the first list is what qemu shows in json: names. */
+const FORMAT_OPTIONS: Record<string, { passed: string[]; strong: string[] }> = {
+  qcow2: { passed: ['encrypt.key-secret', 'encrypt.format'], strong: ['encrypt.key-secret'] },
+  qcow: { passed: ['encrypt.key-secret', 'encrypt.format'], strong: ['encrypt.key-secret'] },
+  luks: { passed: ['key-secret'], strong: ['key-secret'] },
+};
+
+/** Block-layer options every format takes (checked, not passed on). */
+const BOOL_OPTIONS = ['force-share', 'read-only', 'cache.direct', 'cache.no-flush'];
+const GENERIC_OPTIONS = new Set([...BOOL_OPTIONS, 'node-name']);
+
+const FILE_DRIVERS = ['file', 'host_device', 'host_cdrom'];
+/** The `file.` options qimg takes (the protocol node's). */
+const FILE_OPTIONS = ['filename', 'driver', 'locking'];
+
+/** QemuOpts (util/qemu-option.c) parse of an option string: [name, value] in order. */
+export function parseQemuOpts(text: string, impliedName = 'file', onWarning: (lines: string) => void = printWarning): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
+  let p = 0;
+  let first = true;
+  while (p < text.length) {
+    const rest = text.slice(p);
+    let len = rest.search(/[=,]/);
+    if (len < 0) len = rest.length;
+    let name: string;
+    let value: string;
+    let end: number;
+    if (rest[len] !== '=') {
+      if (first) {
+        name = impliedName;
+        [value, end] = optValue(rest, 0);
+      } else {
+        // a bare name is a flag: "x" is x=on, "nox" x=off (deprecated, with a warning)
+        const word = rest.slice(0, len);
+        const no = word.startsWith('no');
+        name = no ? word.slice(2) : word;
+        value = no ? 'off' : 'on';
+        end = len;
+        if (no || !(word === 'help' || word === '?')) {
+          onWarning(`short-form boolean option '${word}' deprecated\nPlease use ${name}=${value} instead`);
+        }
+      }
+    } else {
+      name = rest.slice(0, len);
+      [value, end] = optValue(rest, len + 1);
+    }
+    out.push([name, value]);
+    first = false;
+    p += end + (rest[end] === ',' ? 1 : 0);
+  }
+  return out;
+}
+
+/** A QemuOpts value from `start`: up to a single comma, `,,` standing for one. */
+function optValue(s: string, start: number): [string, number] {
+  let value = '';
+  let p = start;
+  for (;;) {
+    const comma = s.indexOf(',', p);
+    const stop = comma < 0 ? s.length : comma;
+    value += s.slice(p, stop);
+    if (comma < 0 || s[comma + 1] !== ',') return [value, stop];
+    value += ',';
+    p = comma + 2;
+  }
+}
+
+function printWarning(lines: string): void {
+  const [first, ...more] = lines.split('\n');
+  warn(first);
+  for (const l of more) process.stderr.write(l + '\n');
+}
+
+const BOOL_VALUES = ['on', 'yes', 'true', 'y', 'off', 'no', 'false', 'n'];
+const isOn = (v: string | undefined) => v !== undefined && ['on', 'yes', 'true', 'y'].includes(v);
+
+/**
+ * The image an argument names: a plain file name (with -f), or an --image-opts option
+ * string checked as qemu checks it, in qemu's order, and opened once for metadata
+ * (as `info` does: no secrets needed) to learn the format and validate the options
+ * against it and its backing chain. Errors are qemu's ("Could not open 'OPTS': ...").
+ */
+export async function resolveImage(arg: string, ctx: ResolveContext): Promise<ImageSpec> {
+  if (!ctx.imageOpts) return { arg, path: arg, format: ctx.format, forceShare: !!ctx.forceShare, imageOpts: false, displayName: arg };
+  if (ctx.format !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive');
+  const fail = (msg: string) => new QimgError(`Could not open '${arg}': ${msg}`, { file: '' });
+
+  const opts = new Map<string, string>();
+  for (const [k, v] of parseQemuOpts(arg)) {
+    // QemuOpts takes "id" as the options' own id (validated), then the block layer refuses it
+    if (k === 'id' && !/^[A-Za-z][A-Za-z0-9._-]*$/.test(v)) {
+      throw new ObjectError("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.");
+    }
+    opts.set(k, v);
+  }
+
+  const hasFile = [...opts.keys()].some((k) => k.startsWith('file.'));
+  const ref = opts.get('file');
+  if (ref !== undefined) {
+    // file=NAME names an existing block node, which qemu-img never has
+    if (hasFile) throw fail('Cannot reference an existing block device with additional options or a new filename');
+    throw fail(`Cannot find device='${ref}' nor node-name='${ref}'`);
+  }
+  const driverName = opts.get('driver');
+  if (driverName === undefined && !hasFile) throw fail('Must specify either driver or file');
+  const driver = driverName !== undefined ? findDriver(driverName) : undefined;
+  if (driverName !== undefined && !driver) throw fail(`Unknown driver '${driverName}'`);
+  const fileDriver = opts.get('file.driver');
+  if (fileDriver !== undefined && !FILE_DRIVERS.includes(fileDriver)) throw fail(`Unknown driver '${fileDriver}'`);
+  const path = opts.get('file.filename');
+  if (path === undefined) {
+    throw fail(fileDriver !== undefined ? `The '${fileDriver}' block driver requires a file name` : 'A block device must be specified for "file"');
+  }
+  if (path === '') throw fail(`The '${fileDriver ?? 'file'}' block driver requires a file name`);
+
+  // values the block layer parses before opening anything
+  const locking = opts.get('file.locking');
+  if (locking !== undefined && !['on', 'off', 'auto'].includes(locking)) throw fail(`invalid parameter value: ${locking}`);
+  for (const k of BOOL_OPTIONS) {
+    const v = opts.get(k);
+    if (v !== undefined && !BOOL_VALUES.includes(v)) throw fail(`Parameter '${k}' expects 'on' or 'off'`);
+  }
+  const nodeName = opts.get('node-name');
+  if (nodeName !== undefined && !/^[A-Za-z][A-Za-z0-9._-]*$/.test(nodeName)) throw fail(`Invalid node-name: '${nodeName}'`);
+  const forceShareOpt = opts.get('force-share');
+  if (ctx.forceShare && forceShareOpt !== undefined && !isOn(forceShareOpt)) throw new UsageError('--force-share/-U conflicts with image options');
+  if (fileDriver === 'host_device' || fileDriver === 'host_cdrom') {
+    const st = statSafe(path);
+    if (st && !st.isBlockDevice() && !st.isCharacterDevice()) throw fail(`'${fileDriver}' driver requires '${path}' to be either a character or block device`);
+  }
+  // the protocol node refuses its unknown options once the file is open (a missing file is reported first)
+  const fileUnknown = [...opts.keys()].filter((k) => k.startsWith('file.') && !FILE_OPTIONS.includes(k.slice('file.'.length))).map((k) => k.slice('file.'.length));
+  if (fileUnknown.length > 0 && statSafe(path)) {
+    const first = Object.keys(qdictOrder(Object.fromEntries(fileUnknown.map((k) => [k, 1]))))[0];
+    throw fail(`Block protocol '${fileDriver ?? 'file'}' doesn't support the option '${first}'`);
+  }
+  if (ctx.writable && isOn(opts.get('read-only'))) throw fail('Block node is read-only');
+  if (ctx.writable && isOn(forceShareOpt)) throw fail('force-share=on can only be used with read-only images');
+  const forceShare = !!ctx.forceShare || isOn(forceShareOpt) || (!ctx.writable && locking === 'off');
+
+  // the options for the format (everything but driver, file.* and the generic ones)
+  const formatKeys = [...opts.keys()].filter((k) => k !== 'driver' && !k.startsWith('file.') && !GENERIC_OPTIONS.has(k));
+  const imageOptions: Record<string, string> = {};
+  for (const k of formatKeys) imageOptions[k] = opts.get(k)!;
+
+  // open once for metadata (the file, the format, the header), then the options against it
+  const wantBacking = !!ctx.opensBacking && formatKeys.some((k) => k.startsWith('backing.'));
+  let layer: Layer;
+  try {
+    layer = await openLayer(path, driver?.name, ctx.secrets, imageOptions, wantBacking);
+  } catch (err) {
+    throw fail(err instanceof Error ? err.message : String(err));
+  }
+  try {
+    await checkLayerOptions(layer, imageOptions, !!ctx.opensBacking, ctx.secrets);
+  } catch (err) {
+    if (err instanceof LayerOptionError) throw fail(err.message);
+    throw err;
+  }
+  return {
+    arg,
+    path,
+    format: layer.format,
+    imageOptions: passedOptions(imageOptions),
+    forceShare,
+    imageOpts: true,
+    displayName: displayName(path, layer.format, imageOptions),
+  };
+}
+
+/**
+ * Opens a resolved image (the CLI's own opens: map, compare, measure); with
+ * --image-opts a failure is qemu's "Could not open 'OPTS': ...".
+ */
+export async function openResolved(spec: ImageSpec, extra: Omit<OpenOptions, 'format' | 'imageOptions'> = {}): Promise<BlockImage> {
+  try {
+    return await openImage(spec.path, { format: spec.format, imageOptions: spec.imageOptions, ...extra, forceShare: spec.forceShare || extra.forceShare });
+  } catch (err) {
+    if (spec.imageOpts && err instanceof QimgError) throw new QimgError(`Could not open '${spec.arg}': ${err.message}`, { file: '', exitCode: err.exitCode, cause: err });
+    throw err;
+  }
+}
+
+function statSafe(path: string) {
+  try {
+    return statSync(path);
+  } catch {
+    return undefined;
+  }
+}
+
+/** One image of the chain as the checks need it. */
+interface Layer {
+  format: string;
+  supportsBacking: boolean;
+  /** the backing file's resolved name and recorded format (when asked for and present) */
+  backing?: { name: string; format?: string };
+}
+
+async function openLayer(path: string, format: string | undefined, secrets: SecretStore | undefined, imageOptions: ImageOptions | undefined, wantBacking: boolean): Promise<Layer> {
+  const img = await openImage(path, { format, metadataOnly: true, forceShare: true, secrets, imageOptions });
+  try {
+    const supportsBacking = !!findDriver(img.format)?.createOptions.some((o) => o.name === 'backing_file');
+    if (!wantBacking) return { format: img.format, supportsBacking };
+    const info = await img.info();
+    const name = info.fullBackingFilename ?? info.backingFilename;
+    return { format: img.format, supportsBacking: supportsBacking || name !== undefined, backing: name !== undefined ? { name, format: info.backingFilenameFormat } : undefined };
+  } finally {
+    await img.close();
+  }
+}
+
+/** A refused option of one layer (the caller names the image). */
+class LayerOptionError extends Error {}
+
+/**
+ * The options of one layer against its format, in qemu's order: the backing file's
+ * options first (each level adding "Could not open backing file: "), then the first
+ * of this layer's unknown options in QDict order.
+ */
+async function checkLayerOptions(layer: Layer, options: Record<string, string>, opensBacking: boolean, secrets?: SecretStore): Promise<void> {
+  const allowed = FORMAT_OPTIONS[layer.format]?.passed ?? [];
+  const backing: Record<string, string> = {};
+  for (const [k, v] of Object.entries(options)) if (k.startsWith('backing.')) backing[k.slice('backing.'.length)] = v;
+  if (opensBacking && Object.keys(backing).length > 0) await checkBackingOptions(layer, backing, secrets);
+  const unknown = Object.keys(options).filter((k) => !allowed.includes(k) && !(opensBacking && k.startsWith('backing.')));
+  if (unknown.length > 0) {
+    const first = Object.keys(qdictOrder(Object.fromEntries(unknown.map((k) => [k, 1]))))[0];
+    throw new LayerOptionError(`Block format '${layer.format}' does not support the option '${first}'`);
+  }
+}
+
+async function checkBackingOptions(layer: Layer, options: Record<string, string>, secrets?: SecretStore): Promise<void> {
+  if (!layer.supportsBacking) throw new LayerOptionError("Driver doesn't support backing files");
+  const prefix = 'Could not open backing file: ';
+  if (!layer.backing) throw new LayerOptionError(`${prefix}Must specify either driver or file`);
+  const refused = Object.keys(options).find((k) => k === 'driver' || k === 'file' || k.startsWith('file.'));
+  if (refused !== undefined) throw new LayerOptionError(`${prefix}qimg does not support the option '${refused}' for backing files`);
+  const own = Object.fromEntries(Object.entries(options).filter(([k]) => !GENERIC_OPTIONS.has(k)));
+  let below: Layer;
+  try {
+    below = await openLayer(layer.backing.name, layer.backing.format, secrets, undefined, Object.keys(own).some((k) => k.startsWith('backing.')));
+  } catch {
+    // the command's own open reports a backing file it cannot open
+    return;
+  }
+  try {
+    await checkLayerOptions(below, own, true, secrets);
+  } catch (err) {
+    if (err instanceof LayerOptionError) throw new LayerOptionError(prefix + err.message);
+    throw err;
+  }
+}
+
+/** The options the drivers get: the format's own and (recursively) the backing file's, generic ones dropped. */
+function passedOptions(options: Record<string, string>): ImageOptions | undefined {
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(options)) {
+    let base = k;
+    while (base.startsWith('backing.')) base = base.slice('backing.'.length);
+    if (!GENERIC_OPTIONS.has(base)) out[k] = v;
+  }
+  return Object.keys(out).length ? out : undefined;
+}
+
+/**
+ * qemu's name for an image opened with options: the file name, unless an option it
+ * keeps ("strong": the key secrets) is set; then `json:{...}` of those options, the
+ * driver and the file node, members in QDict (hash) order.
+ */
+export function displayName(path: string, format: string, options: Record<string, string>): string {
+  const strong = FORMAT_OPTIONS[format]?.strong.filter((k) => options[k] !== undefined) ?? [];
+  if (strong.length === 0) return path;
+  const top: Record<string, unknown> = {};
+  for (const k of strong) top[k] = options[k];
+  top.driver = format;
+  top.file = { driver: 'file', filename: path };
+  return `json:${compactJson(qdictOrder(top))}`;
+}
+
+/** qemu's compact JSON (`{"a": "b", "c": {...}}`). */
+function compactJson(value: unknown): string {
+  if (typeof value === 'string') return quoteJson(value);
+  if (typeof value === 'object' && value !== null) {
+    return `{${Object.entries(value as Record<string, unknown>)
+      .map(([k, v]) => `${quoteJson(k)}: ${compactJson(v)}`)
+      .join(', ')}}`;
+  }
+  return JSON.stringify(value);
+}

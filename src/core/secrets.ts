@@ -1,0 +1,53 @@
+/**
+ * Secrets given with `--object secret,id=ID,...` (qemu's "secret" object) and looked
+ * up by id wherever an image names one (`encrypt.key-secret=ID`, luks `key-secret=ID`).
+ *
+ * Values live in Buffers, never strings, so they can be zeroed: `destroy()` wipes every
+ * secret when the command is done. A secret's value never appears in a message.
+ */
+import { QimgError } from './errors.js';
+
+export class SecretStore {
+  private readonly secrets = new Map<string, Buffer>();
+
+  /** Registers a secret (the CLI's --object parser); a second one with the same id is refused as qemu does. */
+  add(id: string, value: Buffer): void {
+    if (this.secrets.has(id)) throw new QimgError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+    this.secrets.set(id, value);
+  }
+
+  has(id: string): boolean {
+    return this.secrets.has(id);
+  }
+
+  /**
+   * A copy of the secret's bytes (the caller zeroes it after use), or qemu's message
+   * for an unknown id.
+   */
+  get(id: string): Buffer {
+    const value = this.secrets.get(id);
+    if (!value) throw new QimgError(`No secret with id '${id}'`);
+    return Buffer.from(value);
+  }
+
+  /** Zeroes and forgets every secret. */
+  destroy(): void {
+    for (const v of this.secrets.values()) v.fill(0);
+    this.secrets.clear();
+  }
+}
+
+/**
+ * Options for one image beyond its file name and format, as `--image-opts` gives them
+ * (`driver=qcow2,file.filename=x.qcow2,encrypt.key-secret=sec0`): the keys other than
+ * `driver` and `file.filename`, with the prefix for the backing file (`backing.`) kept.
+ */
+export type ImageOptions = Readonly<Record<string, string>>;
+
+/** The options that apply to an image's backing file (`backing.X` becomes `X`). */
+export function backingImageOptions(opts: ImageOptions | undefined): ImageOptions | undefined {
+  if (!opts) return undefined;
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(opts)) if (k.startsWith('backing.')) out[k.slice('backing.'.length)] = v;
+  return Object.keys(out).length ? out : undefined;
+}
