@@ -954,6 +954,8 @@ export interface FixtureRef {
   weight: number;
   /** the image format (qcow2 when absent: structure-aware mutations) */
   format?: string;
+  /** an encrypted image's passphrase (its cases open it with the key) */
+  passphrase?: string;
 }
 
 export interface CaseFixture extends FixtureRef {

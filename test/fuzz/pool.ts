@@ -120,12 +120,12 @@ export function foreignFuzzFixtures(): FixtureRef[] {
   for (const fmt of readdirSync(FOREIGN_DIR).sort()) {
     const manifest = join(FOREIGN_DIR, fmt, 'manifest.json');
     if (!existsSync(manifest)) continue;
-    const entries = JSON.parse(readFileSync(manifest, 'utf8')) as Array<{ name: string; file: string; format: string }>;
+    const entries = JSON.parse(readFileSync(manifest, 'utf8')) as Array<{ name: string; file: string; format: string; passphrase?: string }>;
     for (const e of entries) {
       const rel = join(fmt, e.file);
       // gzipped fixtures are unpacked in memory (loadFixtures); very large ones are left out
       if (statSync(join(FOREIGN_DIR, rel)).size > 8 * 1024 * 1024) continue;
-      out.push({ name: `${fmt}/${e.name}`, rel, weight: 1, format: e.format });
+      out.push({ name: `${fmt}/${e.name}`, rel, weight: 1, format: e.format, passphrase: e.passphrase });
     }
   }
   return out;
