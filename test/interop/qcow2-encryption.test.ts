@@ -33,7 +33,7 @@ const msg = (s: string) => s.replace(/^(qemu-img|qimg): /gm, '');
  * The reason of a failed open: qemu-img says "Could not open 'FILE': why", qimg
  * "FILE: why" (its one-line `qimg: FILE: what is wrong`).
  */
-const reason = (s: string) => msg(s).replace(/^Could not open '[^']*': /gm, '').replace(/^[^\s:]+\.qcow2: /gm, '');
+const reason = (s: string) => msg(s).replace(/^Could not open '[^']*': /gm, '').replace(/^[^\s:]+\.qcow2?: /gm, '');
 
 const retrying = retryingCalibrationSync;
 
@@ -281,6 +281,26 @@ describe.runIf(enabled)('legacy AES (crypt_method 1)', () => {
       delete j.filename;
     }
     expect(mi).toEqual(qi);
+  });
+});
+
+describe.runIf(enabled)('legacy AES in qcow (v1)', () => {
+  it('reads and converts out as qemu-img; writes are refused with one line', () => {
+    ok(retrying(() => qemuImg(['create', '-q', '-f', 'qcow', ...SECRET, '-o', 'encrypt.format=aes,encrypt.key-secret=sec0', 'v1.qcow', '4M'], d)));
+    const io = (c: string) => ok(qemuIo([...SECRET, '--image-opts', 'driver=qcow,file.filename=v1.qcow,encrypt.key-secret=sec0', '-c', c], d));
+    for (const c of ['write -P 0x21 0 64k', 'write -P 0x22 100000 5000', 'write -P 0x23 3M 512']) io(c);
+    const opts = 'driver=qcow,file.filename=v1.qcow,encrypt.key-secret=sec0';
+    ok(qemuImg(['convert', ...SECRET, '--image-opts', opts, '-O', 'raw', 'v1.q.raw'], d));
+    ok(qimg(['convert', ...SECRET, '--image-opts', opts, '-O', 'raw', 'v1.m.raw'], { cwd: d }));
+    expect(readFileSync(join(d, 'v1.m.raw')).equals(readFileSync(join(d, 'v1.q.raw')))).toBe(true);
+    const mj = both(['map', '--output=json', ...SECRET, '--image-opts', opts]);
+    expect(mapRanges(mj.m.stdout)).toEqual(mapRanges(mj.q.stdout));
+    const noKey = both(['convert', '-O', 'raw', 'v1.qcow', 'never.raw']);
+    expect(noKey.m.status).toBe(noKey.q.status);
+    expect(reason(noKey.m.stderr)).toBe(reason(noKey.q.stderr));
+    const w = qimg(['resize', ...SECRET, '--image-opts', opts, '8M'], { cwd: d });
+    expect(w.status).toBe(1);
+    expect(w.stderr.trim().split('\n')).toHaveLength(1);
   });
 });
 

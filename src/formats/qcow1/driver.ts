@@ -9,7 +9,7 @@ import { QimgError, describeSystemError } from '../../core/errors.js';
 import type { OpenContext } from '../../core/open.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.js';
 import type { HostFile } from '../../io/host.js';
-import { parseQcowHeader, probeQcow, QCOW_CRYPT_NONE, QCOW_HEADER_BYTES, serializeQcowHeader, type QcowHeader } from './header.js';
+import { parseQcowHeader, probeQcow, QCOW_CRYPT_AES, QCOW_CRYPT_NONE, QCOW_HEADER_BYTES, serializeQcowHeader, type QcowHeader } from './header.js';
 import { QcowImage } from './image.js';
 import { writeNewFile } from '../../io/new-file.js';
 
@@ -47,7 +47,24 @@ async function openQcow(file: HostFile, ctx: OpenContext): Promise<BlockImage> {
     // qcow records no backing format: it is probed unless given
     backing = await ctx.openBacking(backingName, ctx.chain.length === 1 ? ctx.options.backingFormat : undefined, name);
   }
-  return new QcowImage(file, name, h, backingName, l1, backing);
+  const img = new QcowImage(file, name, h, backingName, l1, backing);
+  if (h.cryptMethod === QCOW_CRYPT_AES && !ctx.options.metadataOnly) {
+    // the legacy cipher is qcow2's AES one (guest-sector IVs); loaded only for such images
+    const { keySecretFor, legacyAesCipher } = await import('../qcow2/encryption.js');
+    let passphrase: Buffer;
+    try {
+      passphrase = keySecretFor(ctx.options);
+    } catch (err) {
+      await backing?.close();
+      throw err instanceof QimgError ? new QimgError(err.message, { file: name }) : err;
+    }
+    try {
+      img.cipher = legacyAesCipher(passphrase);
+    } finally {
+      passphrase.fill(0);
+    }
+  }
+  return img;
 }
 
 /**

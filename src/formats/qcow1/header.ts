@@ -37,7 +37,7 @@ function safe(v: bigint, what: string, file: string): number {
   return Number(v);
 }
 
-export function parseQcowHeader(buf: Buffer, file: string, opts: { metadataOnly: boolean }): QcowHeader {
+export function parseQcowHeader(buf: Buffer, file: string, _opts: { metadataOnly: boolean }): QcowHeader {
   if (buf.length < QCOW_HEADER_BYTES || buf.readUInt32BE(0) !== QCOW_MAGIC) throw new CorruptImageError(file, 'Image not in qcow format');
   const version = buf.readUInt32BE(4);
   if (version !== QCOW_VERSION) {
@@ -52,10 +52,8 @@ export function parseQcowHeader(buf: Buffer, file: string, opts: { metadataOnly:
   if (clusterBits < 9 || clusterBits > 16) throw new CorruptImageError(file, 'Cluster size must be between 512 and 64k');
   // l2_bits counts 8-byte entries: tables of 512 bytes to 64 KiB
   if (l2Bits < 6 || l2Bits > 13) throw new CorruptImageError(file, 'L2 table size must be between 512 and 64k');
-  if (cryptMethod === QCOW_CRYPT_AES) {
-    // Reading needs the key (encrypt.key-secret), which qimg cannot take yet.
-    if (!opts.metadataOnly) throw new UnsupportedError(file, "Parameter 'encrypt.key-secret' is required for cipher");
-  } else if (cryptMethod !== QCOW_CRYPT_NONE) {
+  // (AES images need their key to be read: the driver asks for encrypt.key-secret)
+  if (cryptMethod !== QCOW_CRYPT_AES && cryptMethod !== QCOW_CRYPT_NONE) {
     throw new CorruptImageError(file, 'invalid encryption method in qcow header');
   }
   const shift = BigInt(clusterBits + l2Bits);

@@ -11,6 +11,7 @@ import { Mutex } from '../../core/mutex.js';
 import type { HostFile } from '../../io/host.js';
 import { QCOW_CRYPT_NONE, type QcowHeader } from './header.js';
 import { zlib } from '../../core/lazy-builtins.js';
+import type { SectorCipher } from '../../crypto/sector-cipher.js';
 
 const COMPRESSED_HI = 0x80000000;
 /** cached L2 tables (at most 64 KiB each) */
@@ -26,6 +27,8 @@ interface Run {
 }
 
 export class QcowImage implements BlockImage {
+  /** the legacy AES cipher of an encrypted image opened with its key */
+  cipher: SectorCipher | null = null;
   readonly format = 'qcow';
   readonly clusterSize: number;
   readonly l2Entries: number;
@@ -141,6 +144,8 @@ export class QcowImage implements BlockImage {
 
   async layerStatus(offset: number, length: number): Promise<LayerStatus> {
     const run = await this.lookup(offset, Math.min(length, this.virtualSize - offset));
+    // QEMU's qcow reports encrypted data as it does compressed data: no host offset
+    if (run.kind === 'data' && this.header.cryptMethod !== QCOW_CRYPT_NONE) return { length: run.length, data: true, zero: false, compressed: true };
     if (run.kind === 'data') return { length: run.length, data: true, zero: false, hostOffset: run.host, file: this.filename };
     if (run.kind === 'compressed') return { length: run.length, data: true, zero: false, compressed: true };
     return { length: run.length, data: false, zero: false };
@@ -154,11 +159,22 @@ export class QcowImage implements BlockImage {
       const pos = offset + done;
       const run = await this.lookup(pos, buf.length - done);
       const part = buf.subarray(done, done + run.length);
-      if (run.kind === 'data') await this.file.read(part, run.host!);
+      if (run.kind === 'data' && this.cipher) await this.readEncrypted(part, run.host!, pos);
+      else if (run.kind === 'data') await this.file.read(part, run.host!);
       else if (run.kind === 'compressed') (await this.decompress(run, pos)).copy(part, 0, pos % this.clusterSize);
       else await this.readBacking(pos, part);
       done += run.length;
     }
+  }
+
+  /** Reads and decrypts AES data (guest-sector IVs) in the whole sectors around it. */
+  private async readEncrypted(part: Buffer, host: number, guest: number): Promise<void> {
+    const head = guest % 512;
+    const total = Math.ceil((head + part.length) / 512) * 512;
+    const buf = Buffer.allocUnsafe(total);
+    await this.file.read(buf, host - head);
+    this.cipher!.decrypt(buf, (guest - head) / 512);
+    buf.copy(part, 0, head, head + part.length);
   }
 
   private async decompress(run: Run, guest: number): Promise<Buffer> {
@@ -187,6 +203,8 @@ export class QcowImage implements BlockImage {
 
   private assertWritable(offset: number, length: number): void {
     assertWritableRange(this, this.file.writable, offset, length);
+    // qimg reads AES qcow images (to convert them out); it writes none
+    if (this.header.cryptMethod !== QCOW_CRYPT_NONE) throw new QimgError('qimg does not write to AES-encrypted qcow (v1) images; convert them to another format', { file: this.filename });
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
@@ -370,6 +388,8 @@ export class QcowImage implements BlockImage {
   }
 
   async close(): Promise<void> {
+    this.cipher?.destroy();
+    this.cipher = null;
     let failure: unknown;
     if (this.file.writable) {
       try {
