@@ -51,3 +51,14 @@ export function backingImageOptions(opts: ImageOptions | undefined): ImageOption
   for (const [k, v] of Object.entries(opts)) if (k.startsWith('backing.')) out[k.slice('backing.'.length)] = v;
   return Object.keys(out).length ? out : undefined;
 }
+
+/**
+ * The bytes of the secret that option `option` names (`id`), or QEMU's refusal: the
+ * option missing ("Parameter 'key-secret' is required for cipher"), or no such secret.
+ * A copy: the caller zeroes it.
+ */
+export function requireSecret(secrets: SecretStore | undefined, id: string | undefined, option: string): Buffer {
+  if (id === undefined) throw new QimgError(`Parameter '${option}' is required for cipher`);
+  if (!secrets) throw new QimgError(`No secret with id '${id}'`);
+  return secrets.get(id);
+}

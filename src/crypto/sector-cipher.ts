@@ -17,19 +17,12 @@
  * of 24-byte keys ends in one (cryptsetup makes such headers; qemu-img 7.2 aborts on them).
  */
 import { createCipheriv, createDecipheriv, createHash, getCiphers, type Cipher, type Decipher } from 'node:crypto';
+import { HASH_DIGEST_LENGTHS } from '../formats/qcow2/luks.js';
 
 export const SECTOR_SIZE = 512;
 
-/** QEMU's QCryptoHashAlgorithm names with their digest lengths. */
-export const HASH_DIGEST_LENGTHS: Readonly<Record<string, number>> = {
-  md5: 16,
-  sha1: 20,
-  sha224: 28,
-  sha256: 32,
-  sha384: 48,
-  sha512: 64,
-  ripemd160: 20,
-};
+// one table, kept with the (crypto-free) LUKS header parsing
+export { HASH_DIGEST_LENGTHS };
 
 interface AlgInfo {
   keyLength: number;
@@ -391,25 +384,8 @@ class SectorCipherImpl implements SectorCipher {
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
-/** Fills t[at+16..end) block by block with the previous block times alpha. */
+/** Fills t[at+16..end) block by block with the previous block times alpha (bytewise: the rare path). */
 function xtsTweaks(t: Buffer, at: number, end: number): void {
-  if (LITTLE_ENDIAN && (t.byteOffset + at) % 4 === 0) {
-    // the 128-bit little-endian value as four host words, least significant first
-    const w = new Uint32Array(t.buffer, t.byteOffset + at, (end - at) / 4);
-    let w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-    for (let i = 4; i < w.length; i += 4) {
-      const carry = w3 >>> 31;
-      w3 = ((w3 << 1) | (w2 >>> 31)) >>> 0;
-      w2 = ((w2 << 1) | (w1 >>> 31)) >>> 0;
-      w1 = ((w1 << 1) | (w0 >>> 31)) >>> 0;
-      w0 = ((w0 << 1) ^ (carry * 0x87)) >>> 0;
-      w[i] = w0;
-      w[i + 1] = w1;
-      w[i + 2] = w2;
-      w[i + 3] = w3;
-    }
-    return;
-  }
   for (at += 16; at < end; at += 16) {
     let carry = 0;
     for (let k = 0; k < 16; k++) {

@@ -175,10 +175,12 @@ describe.runIf(enabled)('qcow2 LUKS images made by qimg', () => {
       await img.write(65536 - 10, Buffer.alloc(20, 0x62)); // across a cluster boundary
       await img.write(200000, Buffer.alloc(100000, 0x63)); // partial clusters both ends
       await img.writeZeroes(1 * MiB + 7, 1000);
+      await img.write(3 * MiB, Buffer.alloc(65536, 0x64));
+      await img.writeZeroes(3 * MiB + 1007, 1000); // zeros written over data, unaligned
     } finally {
       await img.close();
     }
-    const checks = ['read -P 0 0 100', 'read -P 0x61 100 300', 'read -P 0 400 65126', 'read -P 0x62 65526 20', 'read -P 0 65546 134454', 'read -P 0x63 200000 100000', 'read -P 0 300000 2000000'];
+    const checks = ['read -P 0 0 100', 'read -P 0x61 100 300', 'read -P 0 400 65126', 'read -P 0x62 65526 20', 'read -P 0 65546 134454', 'read -P 0x63 200000 100000', 'read -P 0 300000 2000000', 'read -P 0x64 3145728 1007', 'read -P 0 3146735 1000', 'read -P 0x64 3147735 63529'];
     for (const c of checks) ok(qemuIo([...SECRET, '--image-opts', optsOf('lib.qcow2'), '-c', c], d), c);
     ok(qemuImg(['check', ...enc('lib.qcow2')], d));
     secrets.destroy();

@@ -12,7 +12,8 @@ import { amendLuks1 } from '../../crypto/luks1.js';
 import { defaultCalibrator } from '../../crypto/pbkdf.js';
 import { calibratorFor } from './create.js';
 import { LuksImage } from './image.js';
-import { asQimg, keySecretFor, LUKS_MAX_PBKDF_ITERATIONS, luksAmendOptions, luksCreateOptions, parseU64 } from './options.js';
+import { requireSecret } from '../../core/secrets.js';
+import { asQimg, LUKS_MAX_PBKDF_ITERATIONS, luksAmendOptions, luksCreateOptions, parseU64 } from './options.js';
 
 /** Like qemu's amend option parsing: a creation-only option gets its own note. */
 function parseAmend(optionStrings: string[]): ParsedOptions {
@@ -43,7 +44,7 @@ export async function amendLuksImage(filename: string, optionStrings: string[], 
   const secrets: Buffer[] = [];
   const secret = (id: string | undefined) => {
     if (id === undefined) return undefined;
-    const b = keySecretFor(id, ctx.secrets);
+    const b = requireSecret(ctx.secrets, id, 'key-secret');
     secrets.push(b);
     return b;
   };

@@ -13,7 +13,8 @@ import { createLuks1 } from '../../crypto/luks1.js';
 import { defaultCalibrator, type PbkdfCalibrator } from '../../crypto/pbkdf.js';
 import { allocateFile } from '../../io/allocate.js';
 import { writeNewFile } from '../../io/new-file.js';
-import { asQimg, keySecretFor } from './options.js';
+import { asQimg } from './options.js';
+import { requireSecret } from '../../core/secrets.js';
 import { checkSpecAlgorithms, ivgenCipherOf, parseLuksSpec, unavailableCipher, type LuksSpec } from './spec.js';
 
 const U64_MAX = (1n << 64n) - 1n;
@@ -30,7 +31,7 @@ function preallocationOf(o: Map<string, OptionValue>): 'off' | 'falloc' | 'full'
 /** Options, key secret and algorithms checked in qemu's order; the caller zeroes `passphrase`. */
 function prepare(options: Map<string, OptionValue>, ctx: CreateContext | undefined): { spec: LuksSpec; passphrase: Buffer } {
   const parsed = parseLuksSpec(options);
-  const passphrase = keySecretFor(options.get('key-secret') as string | undefined, ctx?.secrets);
+  const passphrase = requireSecret(ctx?.secrets, options.get('key-secret') as string | undefined, 'key-secret');
   try {
     return { spec: checkSpecAlgorithms(parsed), passphrase };
   } catch (err) {

@@ -11,15 +11,15 @@ import type { OpenContext } from '../../core/open.js';
 import { createPayloadCipher, openLuks1, readLuks1Header } from '../../crypto/luks1.js';
 import type { HostFile } from '../../io/host.js';
 import { LUKS_SECTOR, LuksImage } from './image.js';
-import { asQimg, keySecretFor, LUKS_MAX_PBKDF_ITERATIONS } from './options.js';
+import { asQimg, LUKS_MAX_PBKDF_ITERATIONS } from './options.js';
+import { requireSecret } from '../../core/secrets.js';
+import { LUKS_HEADER_SIZE } from '../qcow2/luks.js';
 import { unavailableCipher } from './spec.js';
-
-const LUKS_HEADER_SIZE = 592;
 
 export async function openLuks(file: HostFile, ctx: OpenContext): Promise<BlockImage> {
   const name = file.path;
   const opts = ctx.options;
-  const passphrase = opts.metadataOnly ? undefined : keySecretFor(opts.imageOptions?.['key-secret'], opts.secrets);
+  const passphrase = opts.metadataOnly ? undefined : requireSecret(opts.secrets, opts.imageOptions?.['key-secret'], 'key-secret');
   try {
     if (file.size < LUKS_HEADER_SIZE) {
       throw new CorruptImageError(name, `LUKS header is truncated (the file has ${file.size} of its ${LUKS_HEADER_SIZE} bytes)`);

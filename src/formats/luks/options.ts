@@ -6,7 +6,6 @@
  */
 import { QimgError } from '../../core/errors.js';
 import type { OptionSpec, ParsedOptions } from '../../core/options.js';
-import type { SecretStore } from '../../core/secrets.js';
 
 export const luksCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -47,16 +46,6 @@ export function describeLuksCreate(size: bigint, o: ParsedOptions): string {
   if (o.raw.has('preallocation')) parts.push(`preallocation=${o.raw.get('preallocation')}`);
   if (o.values.has('extent_size_hint')) parts.push(`extent_size_hint=${o.values.get('extent_size_hint')}`);
   return parts.join(' ');
-}
-
-/**
- * The passphrase of the secret `id` names, or QEMU's refusal naming `option`. A copy:
- * the caller zeroes it.
- */
-export function keySecretFor(id: string | undefined, secrets: SecretStore | undefined, option = 'key-secret'): Buffer {
-  if (id === undefined) throw new QimgError(`Parameter '${option}' is required for cipher`);
-  if (!secrets) throw new QimgError(`No secret with id '${id}'`);
-  return secrets.get(id);
 }
 
 /** A plain Error from src/crypto becomes a QimgError with its message; system errors stay. */

@@ -36,7 +36,7 @@ export interface LuksSpec {
 
 /**
  * The algorithm options checked as QEMU 7.2 checks them for create and measure: the
- * QAPI enums in schema order, then (after the key secret, see keySecretFor) the LUKS
+ * QAPI enums in schema order, then (after the key secret, see requireSecret) the LUKS
  * name and mode checks. Call checkSpecAlgorithms after the key secret.
  */
 export function parseLuksSpec(o: Map<string, OptionValue>): Omit<LuksSpec, 'keyBytes' | 'payloadOffset'> {

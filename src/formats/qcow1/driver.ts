@@ -50,7 +50,7 @@ async function openQcow(file: HostFile, ctx: OpenContext): Promise<BlockImage> {
   const img = new QcowImage(file, name, h, backingName, l1, backing);
   if (h.cryptMethod === QCOW_CRYPT_AES && !ctx.options.metadataOnly) {
     // the legacy cipher is qcow2's AES one (guest-sector IVs); loaded only for such images
-    const { keySecretFor, legacyAesCipher } = await import('../qcow2/encryption.js');
+    const { keySecretFor, legacyAesEncryption } = await import('../qcow2/encryption.js');
     let passphrase: Buffer;
     try {
       passphrase = keySecretFor(ctx.options);
@@ -59,7 +59,7 @@ async function openQcow(file: HostFile, ctx: OpenContext): Promise<BlockImage> {
       throw err instanceof QimgError ? new QimgError(err.message, { file: name }) : err;
     }
     try {
-      img.cipher = legacyAesCipher(passphrase);
+      img.cipher = legacyAesEncryption(passphrase);
     } finally {
       passphrase.fill(0);
     }

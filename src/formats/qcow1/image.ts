@@ -11,7 +11,7 @@ import { Mutex } from '../../core/mutex.js';
 import type { HostFile } from '../../io/host.js';
 import { QCOW_CRYPT_NONE, type QcowHeader } from './header.js';
 import { zlib } from '../../core/lazy-builtins.js';
-import type { SectorCipher } from '../../crypto/sector-cipher.js';
+import type { Qcow2Encryption } from '../qcow2/encryption.js';
 
 const COMPRESSED_HI = 0x80000000;
 /** cached L2 tables (at most 64 KiB each) */
@@ -28,7 +28,7 @@ interface Run {
 
 export class QcowImage implements BlockImage {
   /** the legacy AES cipher of an encrypted image opened with its key */
-  cipher: SectorCipher | null = null;
+  cipher: Qcow2Encryption | null = null;
   readonly format = 'qcow';
   readonly clusterSize: number;
   readonly l2Entries: number;
@@ -159,22 +159,12 @@ export class QcowImage implements BlockImage {
       const pos = offset + done;
       const run = await this.lookup(pos, buf.length - done);
       const part = buf.subarray(done, done + run.length);
-      if (run.kind === 'data' && this.cipher) await this.readEncrypted(part, run.host!, pos);
+      if (run.kind === 'data' && this.cipher) await this.cipher.read(this.file, part, run.host!, pos);
       else if (run.kind === 'data') await this.file.read(part, run.host!);
       else if (run.kind === 'compressed') (await this.decompress(run, pos)).copy(part, 0, pos % this.clusterSize);
       else await this.readBacking(pos, part);
       done += run.length;
     }
-  }
-
-  /** Reads and decrypts AES data (guest-sector IVs) in the whole sectors around it. */
-  private async readEncrypted(part: Buffer, host: number, guest: number): Promise<void> {
-    const head = guest % 512;
-    const total = Math.ceil((head + part.length) / 512) * 512;
-    const buf = Buffer.allocUnsafe(total);
-    await this.file.read(buf, host - head);
-    this.cipher!.decrypt(buf, (guest - head) / 512);
-    buf.copy(part, 0, head, head + part.length);
   }
 
   private async decompress(run: Run, guest: number): Promise<Buffer> {

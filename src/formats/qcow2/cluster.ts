@@ -12,6 +12,7 @@ import { CorruptImageError } from '../../core/errors.js';
 import { compressedDescriptor, decodeCluster, lookupRun, Sub } from './entries.js';
 import type { Qcow2Image } from './driver.js';
 import { allocateFile } from '../../io/allocate.js';
+import * as C from './constants.js';
 
 const COPIED = 0x80000000;
 const COMPRESSED = 0x40000000;
@@ -101,6 +102,7 @@ export class ClusterWriter {
 
   /** Writes `data` at guest `offset`. */
   async write(offset: number, data: Buffer): Promise<void> {
+    if (this.img.encryption) [offset, data] = await this.sectorAligned(offset, data);
     const cs = this.g.clusterSize;
     const span = cs * this.g.l2Entries;
     let done = 0;
@@ -114,6 +116,26 @@ export class ClusterWriter {
       else await this.writeStandard(slot, pos, part);
       done += n;
     }
+  }
+
+  /**
+   * Encrypted data is ciphered in whole 512-byte sectors: a request that starts or ends
+   * inside one takes the rest of that sector from the current content (QEMU's block
+   * layer pads the same way for encrypted images). Every write path (zero writes done by
+   * writing zeros too) comes through here.
+   */
+  private async sectorAligned(offset: number, data: Buffer): Promise<[number, Buffer]> {
+    const sector = C.ENCRYPTION_SECTOR;
+    const head = offset % sector;
+    const end = offset + data.length;
+    const tail = (sector - (end % sector)) % sector;
+    if (head === 0 && tail === 0) return [offset, data];
+    const start = offset - head;
+    const buf = Buffer.alloc(head + data.length + tail);
+    if (head > 0) await this.readCurrent(start, buf.subarray(0, head));
+    if (tail > 0) await this.readCurrent(end, buf.subarray(head + data.length));
+    data.copy(buf, head);
+    return [start, buf];
   }
 
   /** Standard L2: clusters needing allocation are grouped so that one run is one write. */

@@ -14,7 +14,7 @@ import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header-serialize.js';
 import { writeRefcountEntry } from './refcount.js';
 import type { Qcow2Image } from './driver.js';
-import type { SecretStore } from '../../core/secrets.js';
+import { requireSecret, type SecretStore } from '../../core/secrets.js';
 import type { Luks1CreateOptions } from '../../crypto/luks1.js';
 import { LUKS_CREATE_KEYS } from './options.js';
 
@@ -63,10 +63,8 @@ function encryptionFromOptions(o: Map<string, OptionValue>, secrets: SecretStore
   }
   if (format !== 'aes' && format !== 'luks') throw new QimgError(`Parameter 'format' does not accept value '${format}'`);
   if (format === 'aes' && luksKeys.length > 0) throw new QimgError(`Parameter '${luksKeys[0]}' is unexpected`);
-  const id = o.get('encrypt.key-secret') as string | undefined;
-  if (id === undefined) throw new QimgError("Parameter 'encrypt.key-secret' is required for cipher");
-  if (!secrets) throw new QimgError(`No secret with id '${id}'`);
-  const spec: Qcow2EncryptionSpec = { format, passphrase: secrets.get(id) };
+  const passphrase = requireSecret(secrets, o.get('encrypt.key-secret') as string | undefined, 'encrypt.key-secret');
+  const spec: Qcow2EncryptionSpec = { format, passphrase };
   if (format === 'luks') {
     spec.cipherAlg = o.get('encrypt.cipher-alg') as string | undefined;
     spec.cipherMode = o.get('encrypt.cipher-mode') as string | undefined;

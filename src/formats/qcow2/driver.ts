@@ -289,31 +289,8 @@ export class Qcow2Image implements BlockImage {
     await this.lock.run(async () => {
       await this.beginModification();
       this.compressedCache = null;
-      await this.writer.write(...(await this.sectorAligned(offset, data)));
+      await this.writer.write(offset, data);
     });
-  }
-
-  /**
-   * Encrypted data is ciphered in whole 512-byte sectors: a request that starts or ends
-   * inside one takes the rest of that sector from the current content (QEMU's block
-   * layer pads the same way for encrypted images).
-   */
-  private async sectorAligned(offset: number, data: Buffer): Promise<[number, Buffer]> {
-    if (!this.encryption) return [offset, data];
-    const head = offset % C.ENCRYPTION_SECTOR;
-    const end = offset + data.length;
-    const tail = (C.ENCRYPTION_SECTOR - (end % C.ENCRYPTION_SECTOR)) % C.ENCRYPTION_SECTOR;
-    if (head === 0 && tail === 0) return [offset, data];
-    const start = offset - head;
-    const buf = Buffer.alloc(head + data.length + tail);
-    const readable = (from: number, to: number) => Math.max(0, Math.min(to, this.virtualSize) - from);
-    if (head > 0) await this.read(start, buf.subarray(0, readable(start, offset)));
-    if (tail > 0) {
-      const n = readable(end, end + tail);
-      if (n > 0) await this.read(end, buf.subarray(head + data.length, head + data.length + n));
-    }
-    data.copy(buf, head);
-    return [start, buf];
   }
 
   /** Writes guest data at host offset `host` (guest offset `guest`), encrypted when the image is. */
@@ -350,6 +327,8 @@ export class Qcow2Image implements BlockImage {
 
   async writeCompressed(offset: number, compressed: Buffer): Promise<void> {
     this.assertWritable(offset, Math.min(this.geometry.clusterSize, this.virtualSize - offset));
+    // compressed clusters are stored as they are: they would bypass the cipher (convert -n -c, rebase -c)
+    if (this.header.cryptMethod !== C.CRYPT_NONE) throw new QimgError('Compression and encryption not supported at the same time', { file: this.filename });
     await this.lock.run(async () => {
       await this.beginModification();
       this.compressedCache = null;
@@ -749,7 +728,7 @@ export class Qcow2Image implements BlockImage {
       const part = buf.subarray(done, done + run.length);
       switch (run.type) {
         case Sub.Normal:
-          if (this.encryption) await this.readEncrypted(part, run.hostOffset!, pos);
+          if (this.encryption) await this.encryption.read(this.dataTarget, part, run.hostOffset!, pos);
           else await (this.dataFile ?? this.file).read(part, run.hostOffset!);
           break;
         case Sub.ZeroPlain:
@@ -775,17 +754,6 @@ export class Qcow2Image implements BlockImage {
     const n = Math.min(part.length, b.virtualSize - offset);
     await b.read(offset, part.subarray(0, n));
     if (n < part.length) part.fill(0, n);
-  }
-
-  /** Reads and decrypts data of an encrypted image, in the whole sectors around it. */
-  private async readEncrypted(part: Buffer, host: number, guest: number): Promise<void> {
-    const head = guest % C.ENCRYPTION_SECTOR;
-    const total = Math.ceil((head + part.length) / C.ENCRYPTION_SECTOR) * C.ENCRYPTION_SECTOR;
-    const whole = head === 0 && total === part.length;
-    const buf = whole ? part : Buffer.allocUnsafe(total);
-    await this.dataTarget.read(buf, host - head);
-    this.encryption!.decrypt(buf, host - head, guest - head);
-    if (!whole) buf.copy(part, 0, head, head + part.length);
   }
 
   private async readCompressed(offset: number, part: Buffer, c: { hostOffset: number; size: number }): Promise<void> {

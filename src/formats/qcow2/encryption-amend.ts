@@ -5,7 +5,7 @@
  */
 import { QimgError } from '../../core/errors.js';
 import type { OptionValue } from '../../core/options.js';
-import type { SecretStore } from '../../core/secrets.js';
+import { requireSecret, type SecretStore } from '../../core/secrets.js';
 import * as C from './constants.js';
 import type { Qcow2Image } from './driver.js';
 
@@ -36,12 +36,7 @@ export async function amendQcow2Encryption(
   const { cryptoAreaReader, cryptoAreaWriter, keySecretFor } = await import('./encryption.js');
   const crypto = img.header.crypto;
   if (!crypto) throw new QimgError('Missing CRYPTO header for crypt method 2', { file: img.filename });
-  const secret = (key: string): Buffer | undefined => {
-    const id = values.get(key) as string | undefined;
-    if (id === undefined) return undefined;
-    if (!opts.secrets) throw new QimgError(`No secret with id '${id}'`);
-    return opts.secrets.get(id);
-  };
+  const secret = (key: string): Buffer | undefined => (values.has(key) ? requireSecret(opts.secrets, values.get(key) as string, key) : undefined);
   const keySecret = keySecretFor(opts);
   const newSecret = secret('encrypt.new-secret');
   const oldSecret = secret('encrypt.old-secret');

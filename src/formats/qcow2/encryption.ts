@@ -13,7 +13,7 @@
  * once the cipher holds its own copy.
  */
 import { QimgError } from '../../core/errors.js';
-import type { ImageOptions, SecretStore } from '../../core/secrets.js';
+import { requireSecret, type ImageOptions, type SecretStore } from '../../core/secrets.js';
 import type { HostFile } from '../../io/host.js';
 import { createPayloadCipher, openLuks1, type LuksReadFn, type LuksWriteFn } from '../../crypto/luks1.js';
 import { createSectorCipher, type SectorCipher } from '../../crypto/sector-cipher.js';
@@ -42,6 +42,17 @@ export class Qcow2Encryption {
     return out;
   }
 
+  /** Reads `part` (guest offset `guest`, host offset `host`) decrypted, through the whole sectors around it. */
+  async read(file: HostFile, part: Buffer, host: number, guest: number): Promise<void> {
+    const head = guest % ENCRYPTION_SECTOR;
+    const total = Math.ceil((head + part.length) / ENCRYPTION_SECTOR) * ENCRYPTION_SECTOR;
+    const whole = head === 0 && total === part.length;
+    const buf = whole ? part : Buffer.allocUnsafe(total);
+    await file.read(buf, host - head);
+    this.decrypt(buf, host - head, guest - head);
+    if (!whole) buf.copy(part, 0, head, head + part.length);
+  }
+
   destroy(): void {
     this.cipher.destroy();
   }
@@ -58,10 +69,7 @@ export const KEY_SECRET_OPTION = 'encrypt.key-secret';
 
 /** The passphrase for this image from --image-opts / --object, or QEMU's refusal. */
 export function keySecretFor(opts: { secrets?: SecretStore; imageOptions?: ImageOptions }): Buffer {
-  const id = opts.imageOptions?.[KEY_SECRET_OPTION];
-  if (id === undefined) throw new QimgError(`Parameter '${KEY_SECRET_OPTION}' is required for cipher`);
-  if (!opts.secrets) throw new QimgError(`No secret with id '${id}'`);
-  return opts.secrets.get(id);
+  return requireSecret(opts.secrets, opts.imageOptions?.[KEY_SECRET_OPTION], KEY_SECRET_OPTION);
 }
 
 /** Reads within the LUKS header area of a qcow2 image, refusing anything outside it as QEMU does. */
@@ -84,8 +92,13 @@ export function cryptoAreaWriter(file: HostFile, crypto: CryptoExtension): LuksW
   };
 }
 
+/** The data cipher of a legacy AES image (qcow2 crypt_method 1, qcow v1): guest-sector IVs. */
+export function legacyAesEncryption(passphrase: Buffer): Qcow2Encryption {
+  return new Qcow2Encryption(legacyAesCipher(passphrase), false);
+}
+
 /** The legacy qcow AES cipher for a passphrase (its first 16 bytes; QEMU stops at a NUL). */
-export function legacyAesCipher(passphrase: Buffer): SectorCipher {
+function legacyAesCipher(passphrase: Buffer): SectorCipher {
   const key = Buffer.alloc(16);
   const nul = passphrase.indexOf(0);
   passphrase.copy(key, 0, 0, Math.min(16, nul < 0 ? passphrase.length : nul));
@@ -105,7 +118,7 @@ export async function openQcow2Encryption(
 ): Promise<Qcow2Encryption> {
   const passphrase = keySecretFor(opts);
   try {
-    if (cryptMethod === C.CRYPT_AES) return new Qcow2Encryption(legacyAesCipher(passphrase), false);
+    if (cryptMethod === C.CRYPT_AES) return legacyAesEncryption(passphrase);
     if (!crypto) throw new QimgError('Missing CRYPTO header for crypt method 2', { file: file.path });
     const vol = await openLuks1(cryptoAreaReader(file, crypto), passphrase, { fileName: file.path });
     try {

@@ -96,7 +96,8 @@ export interface LuksAlgorithms {
 // QEMU 7.2's name tables (QCryptoCipherMode, QCryptoIVGenAlgorithm, QCryptoHashAlgorithm).
 const CIPHER_MODES = ['ecb', 'cbc', 'xts', 'ctr'];
 const IVGEN_ALGS = ['plain', 'plain64', 'essiv'];
-const HASH_DIGEST_LEN: Record<string, number> = {
+/** QEMU's QCryptoHashAlgorithm names with their digest lengths. */
+export const HASH_DIGEST_LENGTHS: Readonly<Record<string, number>> = {
   md5: 16,
   sha1: 20,
   sha224: 28,
@@ -220,7 +221,7 @@ export function luksAlgorithms(h: LuksHeader, fileName?: string): LuksAlgorithms
   if (colon >= 0) {
     ivgenHashName = ivgenName.slice(colon + 1);
     ivgenName = ivgenName.slice(0, colon);
-    if (!Object.hasOwn(HASH_DIGEST_LEN, ivgenHashName)) fail(`Hash algorithm '${printable(ivgenHashName)}' not supported`);
+    if (!Object.hasOwn(HASH_DIGEST_LENGTHS, ivgenHashName)) fail(`Hash algorithm '${printable(ivgenHashName)}' not supported`);
   }
   if (!CIPHER_MODES.includes(modeName)) fail(`Cipher mode '${printable(modeName)}' not supported`);
 
@@ -232,7 +233,7 @@ export function luksAlgorithms(h: LuksHeader, fileName?: string): LuksAlgorithms
   }
   const cipherAlg = `${h.cipherName}-${keyLen * 8}`;
 
-  if (!Object.hasOwn(HASH_DIGEST_LEN, h.hashSpec)) fail(`Hash algorithm '${printable(h.hashSpec)}' not supported`);
+  if (!Object.hasOwn(HASH_DIGEST_LENGTHS, h.hashSpec)) fail(`Hash algorithm '${printable(h.hashSpec)}' not supported`);
   if (!IVGEN_ALGS.includes(ivgenName)) fail(`IV generator '${printable(ivgenName)}' not supported`);
 
   const algs: LuksAlgorithms = {
@@ -247,7 +248,7 @@ export function luksAlgorithms(h: LuksHeader, fileName?: string): LuksAlgorithms
     const hashName = ivgenHashName as string;
     algs.ivgenHashAlg = hashName;
     // ESSIV encrypts the sector number with a key as long as the hash digest.
-    const digestLen = HASH_DIGEST_LEN[hashName];
+    const digestLen = HASH_DIGEST_LENGTHS[hashName];
     if (digestLen !== keyLen) {
       const f = family as { label: string; keySizes: number[] };
       if (h.cipherName === 'cast5') fail(`Cipher ${cipherAlg} not supported with essiv`);
