@@ -12,6 +12,7 @@ import type { ImageOptions, SecretStore } from '../core/secrets.js';
 import type { ParsedOptions } from '../core/options.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
+import { checkSourceBitmaps, checkTargetBitmaps, copyBitmaps } from './bitmap-copy.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
 
 export interface ConvertRequest {
@@ -46,6 +47,11 @@ export interface ConvertRequest {
   targetImageOptions?: ImageOptions;
   /** --object secrets: for the sources, the new target's creation (-o encrypt.key-secret=ID) and its open */
   secrets?: SecretStore;
+  /** --bitmaps: copy the source's persistent bitmaps; --skip-broken-bitmaps: leave inconsistent ones */
+  bitmaps?: boolean;
+  skipBrokenBitmaps?: boolean;
+  /** warning lines (qemu-img's "warning: ...") */
+  onWarning?: (message: string) => void;
 }
 
 /** The key-secret options of a new image (`encrypt.key-secret`, luks `key-secret`), which its open needs too (as qemu-img). */
@@ -86,6 +92,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
         throw err;
       }
     }
+    if (req.bitmaps) await checkSourceBitmaps(sources, !!req.skipBrokenBitmaps);
     let inputs = sources;
     if (req.snapshot) {
       const view = await openSnapshotView(sources[0], req.snapshot);
@@ -135,6 +142,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
     }
     target = await openImage(req.output, { format: req.outputFormat, writable: true, secrets: req.secrets, imageOptions: targetOptions });
     if (target.virtualSize < total) throw unnamed('output file is smaller than input file');
+    if (req.bitmaps) checkTargetBitmaps(target, req.outputFormat);
     const t = target as BlockImage & { unsafeCache?: boolean; clusterSize?: number };
     // qemu-img's default cache mode for the target is unsafe: no flush until the end.
     if ('unsafeCache' in t) t.unsafeCache = !req.flushAtEnd;
@@ -170,6 +178,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
     } else {
       await copyImages(inputs, target, opts);
     }
+    if (req.bitmaps) await copyBitmaps(sources[0], target, req.onWarning ?? (() => undefined));
     const done = target;
     target = null;
     if (req.flushAtEnd) {

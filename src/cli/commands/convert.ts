@@ -41,6 +41,8 @@ interface ConvertFlags {
   /** false with -n (commander's --no-create) */
   create?: boolean;
   targetIsZero?: boolean;
+  bitmaps?: boolean;
+  skipBrokenBitmaps?: boolean;
   parallel: string;
   oobWrites?: boolean;
   snapshot?: string;
@@ -78,6 +80,8 @@ export function registerConvert(program: Command, run: (file: string | undefined
     .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
     .option('-U, --force-share', 'open the sources even if they are in use')
+    .option('--bitmaps', 'copy the persistent bitmaps of the source (qcow2 to qcow2)')
+    .option('--skip-broken-bitmaps', 'with --bitmaps: leave inconsistent bitmaps behind instead of failing')
     .option('--target-image-opts', 'the output file is an option string (driver=FMT,file.filename=PATH,...); needs -n');
   addObjectOption(cmd);
   addImageOptsOption(cmd, 'each source')
@@ -89,6 +93,7 @@ export function registerConvert(program: Command, run: (file: string | undefined
         if (opts.targetImageOpts && create) throw new UsageError('--target-image-opts requires use of -n flag');
         if (!create && opts.targetFormatOptions.length > 0) throw new UsageError('-o has no effect when skipping image creation');
         if (opts.targetIsZero && create) throw new UsageError('--target-is-zero requires use of -n flag');
+        if (opts.skipBrokenBitmaps && !opts.bitmaps) throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
         const driver = findDriver(opts.targetFormat);
         if (!driver) throw new UsageError(`Unknown file format '${opts.targetFormat}'`);
         // qemu-img reports option and -S errors without a file name prefix
@@ -159,6 +164,9 @@ export function registerConvert(program: Command, run: (file: string | undefined
           forceShare: opts.forceShare,
           flushAtEnd: opts.targetCache !== undefined && opts.targetCache !== 'unsafe',
           onProgress: (d, t) => progress.update(d, t),
+          bitmaps: opts.bitmaps,
+          skipBrokenBitmaps: opts.skipBrokenBitmaps,
+          onWarning: warn,
         });
         progress.finish();
       })),

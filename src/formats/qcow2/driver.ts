@@ -27,6 +27,7 @@ import type { CacheBudget } from '../../core/cache-budget.js';
 import { writeU64 } from '../../core/units.js';
 import { cloneHeader, serializeHeader } from './header-serialize.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
+import { Qcow2BitmapSet } from './bitmap-store.js';
 import { readLuksInfo } from './luks.js';
 import type { Qcow2Encryption } from './encryption.js';
 import { checkQcow2, FIX_ERRORS, FIX_LEAKS } from './check.js';
@@ -63,6 +64,8 @@ export class Qcow2Image implements BlockImage {
   unsafeCache = false;
   /** the data cipher of an encrypted image (null: plain, or opened for metadata only) */
   encryption: Qcow2Encryption | null = null;
+  /** persistent dirty bitmaps, loaded by the first write or bitmap operation */
+  private bitmapSet_: Qcow2BitmapSet | null = null;
 
   constructor(
     readonly file: HostFile,
@@ -230,10 +233,9 @@ export class Qcow2Image implements BlockImage {
   }
 
   /**
-   * Before the first change: mark the image dirty when refcounts are lazy, clear
-   * autoclear bits qimg does not know, and mark persistent bitmaps in use — qimg does
-   * not track writes in them, so they stop being trusted (QEMU then refuses to use
-   * them until they are removed) while their clusters stay accounted for.
+   * Before the first change: mark the image dirty when refcounts are lazy and clear
+   * autoclear bits qimg does not know. (Persistent bitmaps are flagged in use by the
+   * first guest write: trackWrite.)
    */
   private async beginModification(): Promise<void> {
     if (this.modified) return;
@@ -245,7 +247,6 @@ export class Qcow2Image implements BlockImage {
       h.autoclearFeatures &= keepAutoclear;
       changed = true;
     }
-    if (h.bitmaps && h.autoclearFeatures & C.AUTOCLEAR_BITMAPS) await this.markBitmapsInUse();
     if (this.lazyRefcounts && !(h.incompatibleFeatures & C.INCOMPAT_DIRTY)) {
       h.incompatibleFeatures |= C.INCOMPAT_DIRTY;
       changed = true;
@@ -260,27 +261,27 @@ export class Qcow2Image implements BlockImage {
     }
   }
 
-  /** Sets the in_use flag of every bitmap directory entry (written before any data). */
-  private async markBitmapsInUse(): Promise<void> {
-    const ext = this.header.bitmaps!;
-    // Validates the directory first; a damaged one is left alone (and reported by check).
-    await readBitmapDirectory(this.file, ext, this.geometry.clusterSize);
-    const dir = await this.file.readBytes(ext.directoryOffset, ext.directorySize);
-    let changed = false;
-    for (let pos = 0, i = 0; i < ext.nbBitmaps && pos + 24 <= dir.length; i++) {
-      const flags = dir.readUInt32BE(pos + 12);
-      if (!(flags & 1)) {
-        dir.writeUInt32BE((flags | 1) >>> 0, pos + 12);
-        changed = true;
-      }
-      const nameSize = dir.readUInt16BE(pos + 18);
-      const extra = dir.readUInt32BE(pos + 20);
-      pos += Math.ceil((24 + extra + nameSize) / 8) * 8;
-    }
-    if (changed) {
-      await this.file.write(dir, ext.directoryOffset);
-      await this.sync();
-    }
+  /** The persistent bitmaps of this (writable) image, for changes; the image is then modified. */
+  async bitmapsForUpdate(): Promise<Qcow2BitmapSet> {
+    if (!this.file.writable || this.isView) throw new QimgError('image is opened read-only', { file: this.filename });
+    await this.lock.run(() => this.beginModification());
+    return (this.bitmapSet_ ??= new Qcow2BitmapSet(this));
+  }
+
+  /** A read-only look at the persistent bitmaps (merge sources, convert --bitmaps). */
+  bitmapsForReading(): Qcow2BitmapSet {
+    return (this.bitmapSet_ ??= new Qcow2BitmapSet(this));
+  }
+
+  /**
+   * Every guest write sets the bits of the enabled persistent bitmaps (the first one
+   * flags them in use on disk and loads them).
+   */
+  private async trackWrite(offset: number, length: number): Promise<void> {
+    if (!this.header.bitmaps && !this.bitmapSet_) return;
+    const set = (this.bitmapSet_ ??= new Qcow2BitmapSet(this));
+    await set.beginTracking();
+    set.markDirty(offset, length);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
@@ -288,6 +289,7 @@ export class Qcow2Image implements BlockImage {
     if (data.length === 0) return;
     await this.lock.run(async () => {
       await this.beginModification();
+      await this.trackWrite(offset, data.length);
       this.compressedCache = null;
       await this.writer.write(offset, data);
     });
@@ -300,10 +302,16 @@ export class Qcow2Image implements BlockImage {
   }
 
   async writeZeroes(offset: number, length: number, opts: { mayUnmap?: boolean } = {}): Promise<void> {
+    await this.zeroRange(offset, length, opts, true);
+  }
+
+  /** Zero writes; `track`: a guest write (resize's own zeroing is not, as in QEMU). */
+  private async zeroRange(offset: number, length: number, opts: { mayUnmap?: boolean }, track: boolean): Promise<void> {
     this.assertWritable(offset, length);
     if (length === 0) return;
     await this.lock.run(async () => {
       await this.beginModification();
+      if (track) await this.trackWrite(offset, length);
       this.compressedCache = null;
       await this.writer.writeZeroes(offset, length, !!opts.mayUnmap);
     });
@@ -331,6 +339,7 @@ export class Qcow2Image implements BlockImage {
     if (this.header.cryptMethod !== C.CRYPT_NONE) throw new QimgError('Compression and encryption not supported at the same time', { file: this.filename });
     await this.lock.run(async () => {
       await this.beginModification();
+      await this.trackWrite(offset, Math.min(this.geometry.clusterSize, this.virtualSize - offset));
       this.compressedCache = null;
       await this.writer.writeCompressed(offset, compressed);
     });
@@ -341,6 +350,7 @@ export class Qcow2Image implements BlockImage {
     if (length === 0) return;
     await this.lock.run(async () => {
       await this.beginModification();
+      await this.trackWrite(offset, length);
       this.compressedCache = null;
       await this.writer.discard(offset, length);
     });
@@ -366,28 +376,35 @@ export class Qcow2Image implements BlockImage {
     const g = this.geometry;
     const old = this.virtualSize;
     const needed = Math.ceil(size / (g.clusterSize * g.l2Entries));
+    // Persistent bitmaps follow the size (QEMU refuses while one is inconsistent).
+    const bitmaps = this.header.bitmaps || this.bitmapSet_ ? (this.bitmapSet_ ??= new Qcow2BitmapSet(this)) : null;
     if (size < old) {
       // Whole clusters past the new end are released (full discard, as QEMU's truncate).
       await this.lock.run(async () => {
         await this.beginModification();
+        await bitmaps?.prepareResize();
         await this.writer.unmapFrom(Math.ceil(size / g.clusterSize) * g.clusterSize);
         await this.flushMetadata(true);
         await this.setVirtualSize(size);
+        bitmaps?.resized(size);
       });
       return;
     }
     if (size === old) return;
     await this.lock.run(async () => {
       await this.beginModification();
+      await bitmaps?.prepareResize();
       await this.growL1(needed);
       await this.setVirtualSize(size);
+      bitmaps?.resized(size);
     });
-    // The tail of the old last cluster and anything a longer backing file would show.
+    // The tail of the old last cluster and anything a longer backing file would show
+    // (QEMU's truncate zeroes them below the block layer: no bitmap bits).
     const tailEnd = Math.min(size, Math.ceil(old / g.clusterSize) * g.clusterSize);
-    if (tailEnd > old) await this.writeZeroes(old, tailEnd - old);
+    if (tailEnd > old) await this.zeroRange(old, tailEnd - old, {}, false);
     // As qemu (BDRV_REQ_ZERO_WRITE on truncate): a backing file longer than the old size
     // makes the whole new area zero clusters, not only the part the backing file covers.
-    if (this.backing && this.backing.virtualSize > old) await this.writeZeroes(old, size - old);
+    if (this.backing && this.backing.virtualSize > old) await this.zeroRange(old, size - old, {}, false);
     if (opts.preallocation && opts.preallocation !== 'off') await this.preallocate(opts.preallocation, old);
     await this.flush();
   }
@@ -839,6 +856,8 @@ export class Qcow2Image implements BlockImage {
       try {
         await this.lock.run(async () => {
           if (!this.switched) await this.flushMetadata(true);
+          // the bitmaps go last: they may claim writes that did not land, never miss one
+          if (!this.switched && this.bitmapSet_?.needsStore) await this.bitmapSet_.store();
           const h = this.header;
           if (this.lazyRefcounts && h.incompatibleFeatures & C.INCOMPAT_DIRTY) {
             h.incompatibleFeatures &= ~C.INCOMPAT_DIRTY;
