@@ -53,7 +53,7 @@ const MiB = 1024 * 1024;
 const SCRATCH = fs.existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
 const QCOW2_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]);
 
-export const ALL_OPS = ['convert', 'write', 'write-lazy', 'snapshot', 'commit', 'amend'];
+export const ALL_OPS = ['convert', 'write', 'write-lazy', 'snapshot', 'commit', 'amend', 'bitmaps'];
 
 // ---------------------------------------------------------------- processes
 
@@ -409,6 +409,7 @@ const OPS = {
 
   write: writeOp(false),
   'write-lazy': writeOp(true),
+  bitmaps: bitmapsOp(),
 
   snapshot: {
     setup(dir, rng, quick) {
@@ -577,6 +578,130 @@ function writeOp(lazy) {
       return v;
     },
   };
+}
+
+/**
+ * The write workload on an image with persistent bitmaps (b0 enabled at 4 KiB, b1
+ * disabled with bits set). After any kill: qemu-img check as for every write; each
+ * bitmap either flagged in-use (never trusted) or clean, and a clean b0 covers every
+ * write, zero write and discard of the journal (the last intent line excepted: a kill
+ * before that step flagged the bitmaps writes nothing); b1 never changes. Bits are
+ * read by QEMU itself (qemu-nbd -B, nbdinfo --map) when nbdinfo is installed.
+ */
+function bitmapsOp() {
+  return {
+    setup(dir, rng, quick) {
+      const size = (quick ? 16 : 32) * MiB;
+      const variants = [];
+      for (const cs of quick ? ['64k'] : ['64k', '4k']) {
+        const t = join(dir, `bm-${cs}.qcow2`);
+        makeQcow2(t, size, `cluster_size=${cs}`, rng, 10);
+        must(qemuImg(['bitmap', '--add', '-g', '4k', t, 'b0']), 'bitmap --add b0');
+        must(qemuImg(['bitmap', '--add', '-g', '64k', t, 'b1']), 'bitmap --add b1');
+        must(qemuIo(['-f', 'qcow2', ...qemuIoWrites(rng, size, 5), t]), 'qemu-io');
+        must(qemuImg(['bitmap', '--disable', '--clear', t, 'b0']), 'bitmap --clear b0');
+        must(qemuImg(['bitmap', '--enable', '--disable', t, 'b1']), 'bitmap --disable b1');
+        must(qemuImg(['bitmap', '--enable', t, 'b0']), 'bitmap --enable b0');
+        const initial = readGuest(t);
+        const b1 = dirtyRanges(t, 'b1');
+        variants.push({
+          name: `bitmaps ${cs}`,
+          prepare(iterDir, iterRng) {
+            const img = join(iterDir, 'w.qcow2');
+            const journal = join(iterDir, 'journal.jsonl');
+            copyImage(t, img);
+            fs.rmSync(journal, { force: true });
+            return { args: [WRITER, img, journal, String(iterRng.u32()), quick ? '150' : '300'], img, journal, initial, b1, watch: [img] };
+          },
+        });
+      }
+      return variants;
+    },
+    judge(job, res) {
+      const v = judgeImage(job.img, { completed: !res.killed });
+      const j = verifyJournal(job.img, job.journal, job.initial);
+      if (!j.ok) v.problems.push(`flushed data lost (${j.flushes} flushes, ${j.steps} steps in the journal): ${j.detail}`);
+      const info = JSON.parse(qemuImg(['info', '--output=json', '-U', job.img]).stdout || '{}');
+      const bitmaps = info['format-specific']?.data?.bitmaps ?? [];
+      const flags = Object.fromEntries(bitmaps.map((b) => [b.name, b.flags]));
+      if (!flags.b0 || !flags.b1) {
+        v.problems.push(`bitmaps lost: ${JSON.stringify(bitmaps)}`);
+        return v;
+      }
+      if (!res.killed && (flags.b0.includes('in-use') || flags.b1.includes('in-use'))) v.problems.push(`a completed run left bitmaps in use: ${JSON.stringify(bitmaps)}`);
+      if (!haveNbdinfo()) return v;
+      if (!flags.b1.includes('in-use') && JSON.stringify(dirtyRanges(job.img, 'b1')) !== JSON.stringify(job.b1)) v.problems.push('the disabled bitmap b1 changed');
+      if (!flags.b0.includes('in-use')) {
+        const dirty = dirtyRanges(job.img, 'b0');
+        const steps = readJournal(job.journal).filter((e) => ['w', 'z', 'd'].includes(e.t));
+        if (res.killed) steps.pop();
+        for (const e of steps) {
+          const a = Math.floor(e.off / 4096) * 4096;
+          const b = Math.ceil((e.off + e.len) / 4096) * 4096;
+          if (!dirty.some(([o, l]) => o <= a && o + l >= Math.min(b, job.initial.length))) {
+            v.problems.push(`clean bitmap b0 misses step ${e.i} (${e.t} ${e.off}+${e.len})`);
+            break;
+          }
+        }
+      }
+      return v;
+    },
+  };
+}
+
+function readJournal(path) {
+  const out = [];
+  for (const l of fs.existsSync(path) ? fs.readFileSync(path, 'utf8').split('\n') : []) {
+    try {
+      if (l) out.push(JSON.parse(l));
+    } catch {
+      // a torn last line: that step never started
+    }
+  }
+  return out;
+}
+
+let nbdinfoChecked;
+function haveNbdinfo() {
+  if (nbdinfoChecked === undefined) {
+    try {
+      nbdinfoChecked = run('nbdinfo', ['--version']).status === 0 && run('qemu-nbd', ['--version']).status === 0;
+    } catch {
+      nbdinfoChecked = false; // not installed
+    }
+  }
+  if (!nbdinfoChecked && process.env.CI === 'true') throw new Error('qemu-nbd and nbdinfo (libnbd-bin) are needed to read bitmaps');
+  return nbdinfoChecked;
+}
+
+/** Dirty [offset, length] runs of a bitmap, as QEMU reads them (merged). */
+function dirtyRanges(img, name) {
+  if (!haveNbdinfo()) return [];
+  const dir = fs.mkdtempSync(join(tmpdir(), 'qimg-crash-nbd-'));
+  const sock = join(dir, 's');
+  const pidFile = join(dir, 'pid');
+  try {
+    must(run('qemu-nbd', ['-r', '-f', 'qcow2', '-B', name, '-k', sock, '--fork', '--pid-file', pidFile, img]), 'qemu-nbd');
+    try {
+      const r = must(run('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${name}`, `nbd+unix:///?socket=${sock}`]), 'nbdinfo');
+      const out = [];
+      for (const e of JSON.parse(r.stdout)) {
+        if (!(e.type & 1)) continue;
+        const last = out[out.length - 1];
+        if (last && last[0] + last[1] === e.offset) last[1] += e.length;
+        else out.push([e.offset, e.length]);
+      }
+      return out;
+    } finally {
+      try {
+        process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGTERM');
+      } catch {
+        // already gone
+      }
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 // ---------------------------------------------------------------- driver

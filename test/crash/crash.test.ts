@@ -1,7 +1,7 @@
 /**
  * Crash safety in CI: a short version of `npm run crash` (test/crash/crash-run.mjs),
  * which kills qimg with SIGKILL at random moments of convert -O qcow2, the random
- * write workload (plain and lazy_refcounts=on), snapshot -c/-d, commit and amend, and
+ * write workload (plain, lazy_refcounts=on, and with persistent bitmaps), snapshot -c/-d, commit and amend, and
  * then requires `qemu-img check` to find no corruption (leaks are allowed and
  * `qimg check -r leaks` must remove them) and flushed data to be intact.
  *
@@ -62,7 +62,7 @@ function crashRun(op: string): OpStats {
 }
 
 describe.skipIf(!HAVE_QEMU)(`crash safety: SIGKILL at random moments (${KILLS} kills per operation)`, () => {
-  it.each(['convert', 'write', 'write-lazy', 'snapshot', 'commit', 'amend'])(
+  it.each(['convert', 'write', 'write-lazy', 'snapshot', 'commit', 'amend', 'bitmaps'])(
     '%s',
     (op) => {
       const s = crashRun(op);
