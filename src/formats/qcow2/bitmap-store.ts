@@ -431,6 +431,9 @@ export class Qcow2BitmapSet {
     }
 
     const h = img.header;
+    // a stale extension (its autoclear bit was cleared by a program without bitmap
+    // support) is replaced, as QEMU drops it, never written twice
+    h.unknownExtensions = h.unknownExtensions.filter((e) => e.type !== C.EXT_BITMAPS);
     if (list.length > 0) {
       const dir = buildDirectory(list);
       const dirAt = await rc.allocate(Math.ceil(dir.length / cs));
