@@ -52,10 +52,16 @@ export async function rebaseImage(filename: string, opts: RebaseOptions): Promis
   }
 }
 
+const SKIP_BLOCK = 64 * 1024;
+
 /** Where the image falls through to its backing file, keep what the old one showed. */
 async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: RebaseOptions): Promise<void> {
   const size = img.virtualSize;
-  const unit = img.compression?.clusterSize ?? img.allocationUnit;
+  // qemu-img 7.2 compares 512-byte sectors and writes runs of differing ones (the rest
+  // of a cluster comes from the old backing file, which agrees there): the written
+  // ranges, and so the bits of persistent bitmaps, are qemu's. -c needs whole clusters.
+  const compress = !!(opts.compress && img.compression && img.writeCompressed);
+  const unit = compress ? (img.compression?.clusterSize ?? img.allocationUnit) : 512;
   const oldBuf = allocIoBuffer(CHUNK);
   const newBuf = allocIoBuffer(CHUNK);
   // Past the end of the old backing file the image read zeros: as qemu-img, differences
@@ -73,8 +79,7 @@ async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: 
       await img.read(pos, a);
       await readOrZero(fresh, pos, b);
       if (!a.equals(b)) {
-        // Only differing units get allocated; runs of them go out as one request.
-        const compress = opts.compress && img.compression && img.writeCompressed;
+        // Only differing units get written; runs of them go out as one request.
         let runStart = -1;
         const flushRun = async (end: number) => {
           if (runStart < 0) return;
@@ -84,6 +89,12 @@ async function copyDifferences(img: BlockImage, fresh: BlockImage | null, opts: 
           runStart = -1;
         };
         for (let p = 0; p < n; ) {
+          // equal 64 KiB blocks are skipped whole: sectors are compared only where they differ
+          if (!compress && n - p >= SKIP_BLOCK && a.subarray(p, p + SKIP_BLOCK).equals(b.subarray(p, p + SKIP_BLOCK))) {
+            await flushRun(p);
+            p += SKIP_BLOCK;
+            continue;
+          }
           const start = pos + p;
           const len = Math.min(unit - (start % unit), n - p);
           const differs = !a.subarray(p, p + len).equals(b.subarray(p, p + len));

@@ -106,8 +106,12 @@ export class Qcow2BitmapSet {
   private list: PersistentBitmap[] | null = null;
   /** consistent bitmaps are flagged in_use on disk (guest writes may be under way) */
   private tracking = false;
-  /** the directory must be written anew on close */
+  /** the bitmaps must be stored on close (in-use flags to clear, or changes) */
   private dirty = false;
+  /** bits, sizes or the directory changed (not only the in-use flags) */
+  private changed = false;
+  /** the directory as it was before the in-use flags were set (restored when nothing changed) */
+  private directoryAtOpen: Buffer | null = null;
   /** clusters the current directory references that the next store releases */
   private readonly retired: Array<{ offset: number; length: number }> = [];
 
@@ -170,7 +174,7 @@ export class Qcow2BitmapSet {
       if (!b.enabled || b.inconsistent || !b.bits) continue;
       setBitRange(b.bits, b.granularityBits, offset, Math.min(length, this.img.virtualSize - offset));
       b.changed = true;
-      this.dirty = true;
+      this.touch();
     }
   }
 
@@ -195,7 +199,7 @@ export class Qcow2BitmapSet {
       clearTail(next, Math.ceil(newSize / 2 ** b.granularityBits));
       b.bits = next;
       b.changed = true;
-      this.dirty = true;
+      this.touch();
     }
   }
 
@@ -237,7 +241,7 @@ export class Qcow2BitmapSet {
       bits: Buffer.alloc(bytes),
       changed: true,
     });
-    this.dirty = true;
+    this.touch();
   }
 
   /** block-dirty-bitmap-remove: also for inconsistent bitmaps (the way out QEMU suggests). */
@@ -247,14 +251,14 @@ export class Qcow2BitmapSet {
     if (i < 0) throw notFound(name);
     const [b] = list.splice(i, 1);
     await this.retireData(b);
-    this.dirty = true;
+    this.touch();
   }
 
   async clear(name: string): Promise<void> {
     const b = await this.usable(name);
     b.bits = Buffer.alloc(bitmapBytes(this.img.virtualSize, b.granularityBits));
     b.changed = true;
-    this.dirty = true;
+    this.touch();
   }
 
   async setEnabled(name: string, enabled: boolean): Promise<void> {
@@ -263,7 +267,7 @@ export class Qcow2BitmapSet {
       b.enabled = enabled;
       // a bitmap enabled while guest writes are under way starts tracking them now
       if (enabled && this.tracking) await this.loadBits(b);
-      this.dirty = true;
+      this.touch();
     }
   }
 
@@ -278,7 +282,7 @@ export class Qcow2BitmapSet {
     mergeBits(b.bits!, b.granularityBits, source.bits, source.granularityBits, size);
     clearTail(b.bits!, Math.ceil(size / 2 ** b.granularityBits));
     b.changed = true;
-    this.dirty = true;
+    this.touch();
   }
 
   /** A merge target must exist and be usable (checked before the source, as QEMU). */
@@ -369,6 +373,7 @@ export class Qcow2BitmapSet {
     const ext = img.header.bitmaps;
     if (!ext || this.tracking || !(this.list ?? []).some((b) => !b.inconsistent && b.tableOffset !== 0)) return;
     const dir = await img.file.readBytes(ext.directoryOffset, ext.directorySize);
+    this.directoryAtOpen = Buffer.from(dir);
     for (let pos = 0; pos + DIR_ENTRY_HEADER <= dir.length; pos += entrySize(dir.readUInt16BE(pos + 18) + dir.readUInt32BE(pos + 20))) {
       dir.writeUInt32BE((dir.readUInt32BE(pos + 12) | BME_FLAG_IN_USE) >>> 0, pos + 12);
     }
@@ -389,6 +394,11 @@ export class Qcow2BitmapSet {
     await img.sync();
   }
 
+  private touch(): void {
+    this.dirty = true;
+    this.changed = true;
+  }
+
   /** True when close must store the bitmaps. */
   get needsStore(): boolean {
     return this.dirty;
@@ -401,6 +411,20 @@ export class Qcow2BitmapSet {
   async store(): Promise<void> {
     if (!this.dirty) return;
     const img = this.img;
+    const ext = img.header.bitmaps;
+    if (!this.changed && this.directoryAtOpen && ext) {
+      // Nothing but the in-use flags: the directory goes back in place, byte for byte
+      // (the same autoclear-bit dance), so an image opened for writing and left alone
+      // (a refused operation) ends as it was.
+      await this.writeAutoclear(img.header.autoclearFeatures & ~C.AUTOCLEAR_BITMAPS);
+      await img.file.write(this.directoryAtOpen, ext.directoryOffset);
+      await img.sync();
+      await this.writeAutoclear(img.header.autoclearFeatures | C.AUTOCLEAR_BITMAPS);
+      this.dirty = false;
+      this.tracking = false;
+      this.directoryAtOpen = null;
+      return;
+    }
     const cs = img.geometry.clusterSize;
     const rc = img.refcounts;
     const list = this.list ?? [];
@@ -458,7 +482,9 @@ export class Qcow2BitmapSet {
     await rc.flush();
     await img.sync();
     this.dirty = false;
+    this.changed = false;
     this.tracking = false;
+    this.directoryAtOpen = null;
   }
 }
 

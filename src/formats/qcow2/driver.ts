@@ -274,8 +274,17 @@ export class Qcow2Image implements BlockImage {
   }
 
   /**
-   * Every guest write sets the bits of the enabled persistent bitmaps (the first one
-   * flags them in use on disk and loads them).
+   * Opened for writing: as QEMU, the persistent bitmaps are flagged in use on disk
+   * until they are stored on close, and the enabled ones are loaded to track writes.
+   */
+  async trackBitmapsFromOpen(): Promise<void> {
+    if (!this.header.bitmaps || !this.file.writable) return;
+    await (this.bitmapSet_ ??= new Qcow2BitmapSet(this)).beginTracking();
+  }
+
+  /**
+   * Every guest write sets the bits of the enabled persistent bitmaps (a bitmap added
+   * while open starts tracking with the first write).
    */
   private async trackWrite(offset: number, length: number): Promise<void> {
     if (!this.header.bitmaps && !this.bitmapSet_) return;
@@ -557,6 +566,14 @@ export class Qcow2Image implements BlockImage {
     this.switched = true;
     this.l2Cache.clear();
     this.l1Dirty.clear();
+  }
+
+  /**
+   * Stores the persistent bitmaps now (before a metadata switch, after which nothing
+   * can be flushed from this generation's caches).
+   */
+  async storeBitmaps(): Promise<void> {
+    if (this.bitmapSet_?.needsStore) await this.lock.run(() => this.bitmapSet_!.store());
   }
 
   /** Writes every change with the ordered flush (refcounts, L2, L1, then frees). */
@@ -852,7 +869,7 @@ export class Qcow2Image implements BlockImage {
   async close(): Promise<void> {
     if (this.isView) return;
     let failure: unknown;
-    if (this.file.writable && this.modified) {
+    if (this.file.writable && (this.modified || this.bitmapSet_?.needsStore)) {
       try {
         await this.lock.run(async () => {
           if (!this.switched) await this.flushMetadata(true);
@@ -969,6 +986,14 @@ async function openQcow2(file: HostFile, ctx: OpenContext): Promise<BlockImage> 
   }
   const img = new Qcow2Image(file, name, h, l1, refcountTable, snapshots, dataFile, backing, ctx.cacheBudget);
   img.encryption = encryption;
+  if (file.writable && !metadataOnly) {
+    try {
+      await img.trackBitmapsFromOpen();
+    } catch (err) {
+      await img.close().catch(() => undefined);
+      throw err;
+    }
+  }
   return img;
 }
 

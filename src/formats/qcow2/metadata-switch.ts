@@ -44,6 +44,9 @@ async function firstFreeAtEnd(img: Qcow2Image): Promise<number> {
 
 export async function switchGeneration(img: Qcow2Image, gen: Generation): Promise<void> {
   await img.flushAll();
+  // bitmaps flagged in use since the open are stored clean first: the directory the new
+  // generation keeps is the final one
+  await img.storeBitmaps();
   const g = img.geometry;
   const cs = g.clusterSize;
   const es = g.l2EntrySize;
