@@ -12,6 +12,7 @@ import { registerCreate } from './commands/create.js';
 import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
 import { registerCheck } from './commands/check.js';
+import { registerDd } from './commands/dd.js';
 import { reportError } from './errors.js';
 import { programName } from '../core/program-name.js';
 import { maskSecretData } from './object-options.js';
@@ -62,6 +63,7 @@ export function buildProgram(result: RunResult): Command {
   registerRebase(program, run);
   registerResize(program, run);
   registerSnapshot(program, run);
+  registerDd(program, run);
   for (const cmd of program.commands) {
     cmd.exitOverride().configureOutput(program.configureOutput()).allowExcessArguments(false);
   }
