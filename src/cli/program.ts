@@ -13,6 +13,8 @@ import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
 import { registerCheck } from './commands/check.js';
 import { registerBitmap } from './commands/bitmap.js';
+import { registerDd } from './commands/dd.js';
+import { registerBench } from './commands/bench.js';
 import { reportError } from './errors.js';
 import { programName } from '../core/program-name.js';
 import { maskSecretData } from './object-options.js';
@@ -64,6 +66,8 @@ export function buildProgram(result: RunResult): Command {
   registerResize(program, run);
   registerSnapshot(program, run);
   registerBitmap(program, run);
+  registerDd(program, run);
+  registerBench(program, run);
   for (const cmd of program.commands) {
     cmd.exitOverride().configureOutput(program.configureOutput()).allowExcessArguments(false);
   }
