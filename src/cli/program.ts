@@ -13,6 +13,7 @@ import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
 import { registerCheck } from './commands/check.js';
 import { reportError } from './errors.js';
+import { errorText } from './output/style.js';
 import { programName } from '../core/program-name.js';
 import { maskSecretData } from './object-options.js';
 
@@ -34,7 +35,7 @@ export function buildProgram(result: RunResult): Command {
     })
     .exitOverride()
     .configureOutput({
-      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `${programName()}: ${qemuUsageMessage(s.slice(7))}` : s),
+      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? errorText(`${programName()}: ${qemuUsageMessage(s.slice(7))}`) : s),
     })
     .showSuggestionAfterError(false)
     .showHelpAfterError(`Try '${programName()} --help' for more information`)
