@@ -1,8 +1,9 @@
 /**
- * Colour on a terminal, qemu-img's bytes everywhere else: errors, warnings and `check`
- * findings get colour only where their stream is a terminal (or FORCE_COLOR says so),
- * never with NO_COLOR; piped, they are exactly qemu-img's (modulo the program name).
- * The terminal is a pseudo-terminal made by util-linux `script`.
+ * Colour and tables on a terminal, qemu-img's bytes everywhere else: errors, warnings
+ * and `check` findings get colour only where their stream is a terminal (or
+ * FORCE_COLOR says so), never with NO_COLOR; piped, they are exactly qemu-img's
+ * (modulo the program name). An OVA's disks are a table on a terminal only. The
+ * terminal is a pseudo-terminal made by util-linux `script`.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
@@ -11,6 +12,7 @@ import { join } from 'node:path';
 import { QIMG, ok, plainEnv, qemuAvailable, qemuImg, qemuIo, qimg, run, tempDir, type RunResult } from '../helpers/qemu.js';
 import { checkFindingKind } from '../../src/cli/output/style.js';
 import { FIXTURES_DIR } from '../helpers/fixtures.js';
+import { ovaDisksTable } from '../../src/cli/output/tables.js';
 
 const enabled = qemuAvailable();
 const hasScript = spawnSync('script', ['--version']).status === 0;
@@ -259,5 +261,93 @@ describe.skipIf(!enabled || !hasScript)('on a terminal', () => {
     const q = qemuImg(['info', leaky]);
     const r = onTty(['info', leaky], envWith({}));
     expect(r.stdout).toBe(q.stdout);
+  });
+});
+
+describe('the OVA disk table', () => {
+  it('shows format and compression columns only when the OVF names them', () => {
+    const rows = (t: string) =>
+      strip(t)
+        .trimEnd()
+        .split('\n')
+        .filter((l) => l.includes('│'))
+        .map((l) => l.split('│').slice(1, -1).map((c) => c.trim()));
+    const bare = ovaDisksTable([{ 'disk-id': 'd1', file: 'a.img', 'virtual-size': 1048576, 'file-size': 512, selected: true }], 2);
+    expect(bare.split('\n').every((l) => l === '' || l.startsWith('  '))).toBe(true);
+    expect(rows(bare)).toEqual([
+      ['', 'disk id', 'file', 'virtual size', 'file size'],
+      ['*', 'd1', 'a.img', '1 MiB', '512 B'],
+    ]);
+    const full = ovaDisksTable(
+      [
+        { 'disk-id': 'd1', file: 'a.vmdk', format: 'vmdk', subformat: 'streamOptimized', 'virtual-size': 67108864, 'file-size': 70000, selected: false },
+        { 'disk-id': 'd2', file: 'b.vmdk.gz', format: 'vmdk', 'virtual-size': 1073741824, compression: 'gzip', selected: true },
+      ],
+      0,
+    );
+    expect(rows(full)).toEqual([
+      ['', 'disk id', 'file', 'format', 'virtual size', 'file size', 'compression'],
+      ['', 'd1', 'a.vmdk', 'vmdk (streamOptimized)', '64 MiB', '68.4 KiB', ''],
+      ['*', 'd2', 'b.vmdk.gz', 'vmdk', '1 GiB', '', 'gzip'],
+    ]);
+  });
+});
+
+describe.skipIf(!enabled || !hasScript)('OVA disks: a table on a terminal, lines when piped', () => {
+  let ova = '';
+
+  beforeAll(() => {
+    const c = tmp.path;
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', join(c, 'disk1.qcow2'), '64M']));
+    ok(qemuImg(['create', '-q', '-f', 'raw', join(c, 'disk2.img'), '8M']));
+    writeFileSync(
+      join(c, 'app.ovf'),
+      `<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References>
+    <File ovf:href="disk1.qcow2" ovf:id="file1"/>
+    <File ovf:href="disk2.img" ovf:id="file2"/>
+  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+    <Disk ovf:capacity="64" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="vmdisk1" ovf:fileRef="file1"/>
+    <Disk ovf:capacity="8388608" ovf:diskId="vmdisk2" ovf:fileRef="file2"/>
+  </DiskSection>
+</Envelope>
+`,
+    );
+    ok(run('tar', ['--format=ustar', '-cf', 'app.ova', 'app.ovf', 'disk1.qcow2', 'disk2.img'], { cwd: c }));
+    ova = join(c, 'app.ova');
+  });
+
+  it('piped: the format-specific dump, no table', () => {
+    const r = ok(qimg(['info', ova], { env: envWith({}) }));
+    expect(r.stdout).toContain('    disks:\n        [0]:\n            disk id: vmdisk1\n');
+    expect(r.stdout).toContain('            file: disk2.img\n');
+    expect(r.stdout).not.toMatch(/[┌│└]/);
+  });
+
+  it('on a terminal: the disks as a table under qemu-style lines', () => {
+    const r = onTty(['info', ova], envWith({ NO_COLOR: '1' }));
+    expect(r.status).toBe(0);
+    const lines = r.stdout.split('\n');
+    expect(lines.slice(0, 2)).toEqual([`image: ${ova}`, 'file format: ova']);
+    expect(r.stdout).toContain('Format specific information:\n    disk format: qcow2\n    disks:\n    ┌');
+    const header = lines.find((l) => l.includes('disk id'))!;
+    expect(header.split('│').map((s) => s.trim())).toEqual(['', '', 'disk id', 'file', 'virtual size', 'file size', '']);
+    const row = (id: string) => lines.find((l) => l.includes(id))!.split('│').map((s) => s.trim());
+    expect(row('vmdisk1')).toEqual(['', '*', 'vmdisk1', 'disk1.qcow2', '64 MiB', '192 KiB', '']);
+    expect(row('vmdisk2')).toEqual(['', '', 'vmdisk2', 'disk2.img', '8 MiB', '8 MiB', '']);
+    expect(hasSgr(r.stdout)).toBe(false);
+    // with colour, the headings are bold; the text is the same
+    const c = onTty(['info', ova], envWith({}));
+    expect(c.stdout).toContain('\x1b[1mdisk id\x1b[22m');
+    expect(strip(c.stdout)).toBe(r.stdout);
+  });
+
+  it('JSON is JSON on a terminal too', () => {
+    const r = onTty(['info', '--output=json', ova], envWith({}));
+    expect(JSON.parse(r.stdout).format).toBe('ova');
+    expect(hasSgr(r.stdout)).toBe(false);
   });
 });

@@ -73,6 +73,12 @@ export function warningText(text: string): string {
   return eachLine(text, (l) => c.yellow(l.startsWith(prefix) ? c.bold(prefix) + l.slice(prefix.length) : l));
 }
 
+/** A table's column heading (stdout): bold. */
+export function heading(text: string): string {
+  const c = painter('stdout');
+  return c ? c.bold(text) : text;
+}
+
 /** What a per-problem line of `check` reports, by its first word (qemu's wording). */
 export function checkFindingKind(line: string): 'error' | 'leak' | 'repair' | 'other' {
   if (/^(ERROR|Can't |qcow2: Image is corrupt)/.test(line) || line.startsWith(`${programName()}: `)) return 'error';
