@@ -1,6 +1,6 @@
 import { defineConfig } from 'tsup';
 
-const external = ['koffi', 'fzstd', 'piscina', 'cli-progress'];
+const external = ['koffi', 'fzstd', 'piscina', 'cli-progress', 'cli-table3'];
 
 export default defineConfig([
   // The library API and the compression worker: ESM, split into shared chunks.
@@ -18,8 +18,9 @@ export default defineConfig([
   // The CLI: one CommonJS file, because bin/qimg.js compiles it through vm.Script with a
   // V8 code cache (Node 20 has no compile cache for ES modules), which takes most of the
   // compile time off every run after the first. Its own dependencies are bundled so
-  // start-up reads one file; koffi (native), piscina (spawns its workers by path), fzstd
-  // and cli-progress (loaded only when needed) stay external.
+  // start-up reads one file (chalk too: it is ESM-only, and tiny); koffi (native),
+  // piscina (spawns its workers by path), fzstd, cli-progress and cli-table3 (loaded
+  // only when needed) stay external.
   {
     entry: { cli: 'src/cli/main.ts' },
     format: ['cjs'],
@@ -35,7 +36,7 @@ export default defineConfig([
     minifyWhitespace: true,
     minifySyntax: true,
     keepNames: true,
-    noExternal: ['commander'],
+    noExternal: ['commander', 'chalk'],
     external,
   },
 ]);

@@ -1,6 +1,7 @@
 /** Turning any failure into qemu-img's shape: one line on stderr and an exit code. */
 import { QimgError, describeSystemError } from '../core/errors.js';
 import { programName } from '../core/program-name.js';
+import { errorText, warningText } from './output/style.js';
 
 export function formatError(err: unknown, fallbackFile?: string): { line: string; code: number } {
   if (err instanceof QimgError) {
@@ -14,7 +15,7 @@ export function formatError(err: unknown, fallbackFile?: string): { line: string
 
 export function reportError(err: unknown, fallbackFile?: string): number {
   const { line, code } = formatError(err, fallbackFile);
-  process.stderr.write(line.replace(/\n/g, ' ') + '\n');
+  printError(line.replace(/\n/g, ' '));
   if (process.env.QIMG_DEBUG === '1' && err instanceof Error && err.stack) process.stderr.write(err.stack + '\n');
   return code;
 }
@@ -28,5 +29,10 @@ export class UsageError extends QimgError {
 
 /** A warning line as qemu-img prints it ("qemu-img: warning: ..."), on stderr. */
 export function warn(message: string): void {
-  process.stderr.write(`${programName()}: warning: ${message}\n`);
+  process.stderr.write(warningText(`${programName()}: warning: ${message}`) + '\n');
+}
+
+/** Writes an error message (one line, or a line and its hints) to stderr, coloured on a terminal. */
+export function printError(text: string): void {
+  process.stderr.write(errorText(text) + '\n');
 }

@@ -2,7 +2,8 @@
 import { registerFormats } from '../formats/index.js';
 import type { Command } from 'commander';
 import { buildProgram, isCommanderError } from './program.js';
-import { reportError } from './errors.js';
+import { printError, reportError, warn } from './errors.js';
+import { setWarningSink } from '../core/warnings.js';
 import { programName, setProgramName } from '../core/program-name.js';
 
 export async function main(argv: string[]): Promise<void> {
@@ -12,11 +13,12 @@ export async function main(argv: string[]): Promise<void> {
     process.exit(1);
   });
   setProgramName(argv[1]);
+  setWarningSink(warn);
   registerFormats();
   const result = { code: 0 };
   const program = buildProgram(result);
   if (argv.length <= 2) {
-    process.stderr.write(`${programName()}: Not enough arguments\nTry '${programName()} --help' for more information\n`);
+    printError(`${programName()}: Not enough arguments\nTry '${programName()} --help' for more information`);
     process.exitCode = 1;
     return;
   }

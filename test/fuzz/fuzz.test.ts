@@ -24,7 +24,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { IMAGES_DIR } from '../helpers/fixtures.js';
+import { IMAGES_DIR, prepareFixtures } from '../helpers/fixtures.js';
 import { decompressCluster, DecompressError, useNativeZstdForTests } from '../../src/formats/qcow2/compress.js';
 import { COMPRESSION_ZSTD } from '../../src/formats/qcow2/constants.js';
 import { checkQcow2 } from '../../src/formats/qcow2/check.js';
@@ -275,6 +275,8 @@ async function fuzzAndReport(
 }
 
 describe('mutation fuzzer', () => {
+  // gzipped fixtures unpacked now, not by the run between the two hashes of the tree
+  beforeAll(() => prepareFixtures());
   const replay = env.FUZZ_REPLAY ? env.FUZZ_REPLAY.split(',').map((s) => Number(s.trim()) >>> 0) : undefined;
   const seconds = replay ? undefined : (num(env.FUZZ_SECONDS) ?? (long ? 600 : undefined));
   const masterSeed =

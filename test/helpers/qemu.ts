@@ -49,8 +49,19 @@ export function qemuIo(args: string[], cwd?: string): RunResult {
   return run('qemu-io', args, { cwd });
 }
 
+/**
+ * The environment qimg runs in unless a test gives one: the test's own, without
+ * FORCE_COLOR, so that output piped to a test is qemu-img's bytes even where the
+ * calling shell or CI forces colour (test/cli/style.test.ts tests colour itself).
+ */
+export function plainEnv(): NodeJS.ProcessEnv {
+  const env = { ...process.env };
+  delete env.FORCE_COLOR;
+  return env;
+}
+
 export function qimg(args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeout?: number } = {}): RunResult {
-  return run(process.execPath, [QIMG, ...args], opts);
+  return run(process.execPath, [QIMG, ...args], { ...opts, env: opts.env ?? plainEnv() });
 }
 
 /** Runs and throws with the output when the exit code is not 0. */

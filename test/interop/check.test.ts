@@ -313,6 +313,22 @@ const cases: Case[] = [
     clean: ['leaks', 'all'],
   },
   {
+    // beyond 2^53: the per-problem line must show the exact uint64, as qemu prints it
+    name: 'refcount_bits=64 with a refcount beyond 2^53',
+    base: () => makeBase('rc64-beyond.qcow2', ['refcount_bits=64'], '1M', 'write -P 5 0 128k'),
+    damage: (p) => setRefcount(p, 1, 0xffffffffffffff01n),
+    dataIntact: true,
+    clean: ['leaks', 'all'],
+  },
+  {
+    // an L2 table's refcount beyond 2^53: the OFLAG_COPIED line shows it exactly too
+    name: 'refcount_bits=64 with an L2 table refcount beyond 2^53',
+    base: () => makeBase('rc64-beyond-l2.qcow2', ['refcount_bits=64'], '1M', 'write -P 5 0 128k'),
+    damage: (p) => setRefcount(p, 4, 0x20000000000001n),
+    dataIntact: true,
+    clean: ['all'],
+  },
+  {
     name: 'refcount_bits=1 with a zeroed refcount (rebuild)',
     base: () => makeBase('rc1-low.qcow2', ['refcount_bits=1'], '1M', 'write -P 5 0 128k'),
     damage: (p) => setRefcount(p, 5, 0n),

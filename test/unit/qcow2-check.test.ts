@@ -7,16 +7,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  checkQcow2,
-  FIX_ERRORS,
-  FIX_LEAKS,
-  getRefcountEntry,
-  maxRefcount,
-  RefArray,
-  setRefcountEntry,
-  type Qcow2CheckResult,
-} from '../../src/formats/qcow2/check.js';
+import { checkQcow2, FIX_ERRORS, FIX_LEAKS, RefArray, type Qcow2CheckResult } from '../../src/formats/qcow2/check.js';
+import { maxRefcount, readRefcountEntry, refcountEntryText, writeRefcountEntry } from '../../src/formats/qcow2/refcount.js';
 import { checkHuman, checkJson, printf2f } from '../../src/cli/commands/check.js';
 import { checkExitCode, type ImageCheck } from '../../src/ops/check.js';
 import { prettyJson } from '../../src/cli/output/json.js';
@@ -33,42 +25,63 @@ describe('refcount entries of every width', () => {
       const entries = (64 * 8) / bits;
       const max = maxRefcount(bits);
       const value = (i: number) => (bits >= 53 ? (i * 0x1234567 + 1) % max : ((i * 7 + 3) % (max + 1)));
-      for (let i = 0; i < entries; i++) setRefcountEntry(block, i, bits, value(i));
-      for (let i = 0; i < entries; i++) expect(getRefcountEntry(block, i, bits)).toBe(value(i));
+      for (let i = 0; i < entries; i++) writeRefcountEntry(block, i, bits, value(i));
+      for (let i = 0; i < entries; i++) expect(readRefcountEntry(block, i, bits)).toBe(value(i));
       // overwrite one entry with max, then 0: only that entry changes
-      setRefcountEntry(block, 3, bits, max);
-      expect(getRefcountEntry(block, 3, bits)).toBe(max);
-      setRefcountEntry(block, 3, bits, 0);
-      for (let i = 0; i < entries; i++) expect(getRefcountEntry(block, i, bits)).toBe(i === 3 ? 0 : value(i));
+      writeRefcountEntry(block, 3, bits, max);
+      expect(readRefcountEntry(block, 3, bits)).toBe(max);
+      writeRefcountEntry(block, 3, bits, 0);
+      for (let i = 0; i < entries; i++) expect(readRefcountEntry(block, i, bits)).toBe(i === 3 ? 0 : value(i));
     });
   }
 
   it('sub-byte widths: entry 0 in the least significant bits', () => {
     const b = Buffer.alloc(2);
-    setRefcountEntry(b, 0, 1, 1);
+    writeRefcountEntry(b, 0, 1, 1);
     expect(b[0]).toBe(0x01);
-    setRefcountEntry(b, 7, 1, 1);
+    writeRefcountEntry(b, 7, 1, 1);
     expect(b[0]).toBe(0x81);
-    setRefcountEntry(b, 9, 1, 1);
+    writeRefcountEntry(b, 9, 1, 1);
     expect(b[1]).toBe(0x02);
     const c = Buffer.alloc(1);
-    setRefcountEntry(c, 1, 2, 3);
+    writeRefcountEntry(c, 1, 2, 3);
     expect(c[0]).toBe(0x0c);
     const d = Buffer.alloc(1);
-    setRefcountEntry(d, 1, 4, 0xa);
-    setRefcountEntry(d, 0, 4, 0x5);
+    writeRefcountEntry(d, 1, 4, 0xa);
+    writeRefcountEntry(d, 0, 4, 0x5);
     expect(d[0]).toBe(0xa5);
   });
 
   it('multi-byte widths are big endian', () => {
     const b = Buffer.alloc(16);
-    setRefcountEntry(b, 1, 16, 0x1234);
+    writeRefcountEntry(b, 1, 16, 0x1234);
     expect(b.subarray(2, 4)).toEqual(Buffer.from([0x12, 0x34]));
-    setRefcountEntry(b, 1, 32, 0x89abcdef);
+    writeRefcountEntry(b, 1, 32, 0x89abcdef);
     expect(b.readUInt32BE(4)).toBe(0x89abcdef);
-    setRefcountEntry(b, 1, 64, 2 ** 40 + 5);
+    writeRefcountEntry(b, 1, 64, 2 ** 40 + 5);
     expect(b.readBigUInt64BE(8)).toBe(2n ** 40n + 5n);
-    expect(getRefcountEntry(b, 1, 64)).toBe(2 ** 40 + 5);
+    expect(readRefcountEntry(b, 1, 64)).toBe(2 ** 40 + 5);
+  });
+
+  it('64-bit entries beyond 2^53 read saturated, their text exact', () => {
+    const b = Buffer.alloc(16);
+    b.writeBigUInt64BE(0xffffffffffffff01n, 8);
+    expect(readRefcountEntry(b, 1, 64)).toBe(Number.MAX_SAFE_INTEGER);
+    expect(refcountEntryText(b, 1, 64)).toBe('18446744073709551361');
+    b.writeBigUInt64BE(2n ** 53n - 1n, 0);
+    expect(readRefcountEntry(b, 0, 64)).toBe(Number.MAX_SAFE_INTEGER);
+    expect(refcountEntryText(b, 0, 64)).toBe(String(2 ** 53 - 1));
+    // narrower widths read as they are
+    writeRefcountEntry(b, 3, 4, 9);
+    expect(refcountEntryText(b, 3, 4)).toBe('9');
+  });
+
+  it('any Uint8Array holds entries (not only Buffers)', () => {
+    const u = new Uint8Array(16);
+    writeRefcountEntry(u, 1, 64, 2 ** 40 + 5);
+    writeRefcountEntry(u, 1, 16, 0xbeef);
+    expect(readRefcountEntry(u, 1, 64)).toBe(2 ** 40 + 5);
+    expect(readRefcountEntry(u, 1, 16)).toBe(0xbeef);
   });
 
   it('maximum refcounts', () => {
@@ -201,7 +214,7 @@ function setRc(path: string, cluster: number, value: number): void {
   const { offset, bits, cs } = refblock0(path);
   const d = readFileSync(path);
   const block = d.subarray(offset, offset + cs);
-  setRefcountEntry(block, cluster, bits, value);
+  writeRefcountEntry(block, cluster, bits, value);
   writeFileSync(path, d);
 }
 

@@ -4,6 +4,7 @@ import { QimgError } from '../../core/errors.js';
 import { checkExitCode, checkImage, FIX_ERRORS, FIX_LEAKS, type ImageCheck } from '../../ops/check.js';
 import { UsageError } from '../errors.js';
 import { prettyJson } from '../output/json.js';
+import { checkFinding, checkSummary } from '../output/style.js';
 import type { ImageOptions, SecretStore } from '../../core/secrets.js';
 import { addImageOptsOption, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
 import { resolveImage } from './image-opts.js';
@@ -81,7 +82,7 @@ async function checkCommand(filename: string, o: CheckRun): Promise<number> {
     pending = '';
   };
   const log = (line: string) => {
-    pending += line + '\n';
+    pending += checkFinding(line) + '\n';
     if (pending.length >= 65536) flushLog();
   };
   const out = (text: string) => {
@@ -106,10 +107,12 @@ async function runChecks(
   if (result.corruptionsFixed || result.leaksFixed) {
     if (!o.json) {
       await out(
-        'The following inconsistencies were found and repaired:\n\n' +
-          `    ${result.leaksFixed} leaked clusters\n` +
-          `    ${result.corruptionsFixed} corruptions\n\n` +
-          'Double checking the fixed image now...\n',
+        checkSummary(
+          'The following inconsistencies were found and repaired:\n\n' +
+            `    ${result.leaksFixed} leaked clusters\n` +
+            `    ${result.corruptionsFixed} corruptions\n\n` +
+            'Double checking the fixed image now...\n',
+        ),
       );
     }
     const { leaksFixed, corruptionsFixed } = result;
@@ -118,7 +121,7 @@ async function runChecks(
     result.corruptionsFixed = corruptionsFixed;
   }
 
-  await out(o.json ? prettyJson(checkJson(result)) + '\n' : checkHuman(result));
+  await out(o.json ? prettyJson(checkJson(result)) + '\n' : checkSummary(checkHuman(result)));
 
   const code = checkExitCode(result);
   if (code === 1) throw new QimgError('Check failed', { file: o.name, exitCode: 1 });

@@ -3,7 +3,7 @@ import { writeSync } from 'node:fs';
 import type { Command } from 'commander';
 import { SecretStore } from '../../core/secrets.js';
 import { programName } from '../../core/program-name.js';
-import { UsageError } from '../errors.js';
+import { UsageError, printError } from '../errors.js';
 import { ObjectError, addObjects, objectHelp } from '../object-options.js';
 
 export type OutputFormat = 'human' | 'json';
@@ -83,6 +83,6 @@ export async function withObjects(
 /** qemu's message as it prints it: the first line with the program name, a hint line as is. */
 export function reportObjectError(err: ObjectError, exitCode = err.exitCode): number {
   const [first, ...more] = err.message.split('\n');
-  process.stderr.write([`${programName()}: ${first}`, ...more].join('\n') + '\n');
+  printError([`${programName()}: ${first}`, ...more].join('\n'));
   return exitCode;
 }

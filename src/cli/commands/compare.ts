@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import type { BlockImage } from '../../core/block-image.js';
 import { compareImages } from '../../ops/compare.js';
-import { formatError } from '../errors.js';
+import { formatError, printError } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
 import { ObjectError } from '../object-options.js';
 import { addImageOptsOption, addObjectOption, reportObjectError, withObjects, writeOut } from './common.js';
@@ -38,7 +38,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
             } catch (err) {
               // Could not open an image: exit 2, as qemu-img.
               if (err instanceof ObjectError) return reportObjectError(err, 2);
-              process.stderr.write(formatError(err, opts.imageOpts ? undefined : name).line + '\n');
+              printError(formatError(err, opts.imageOpts ? undefined : name).line);
               return 2;
             }
           }
@@ -49,7 +49,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
           // lines, with a bare newline, and does not jump to 100% when images differ.
           const plain = mode === 'auto' && !process.stderr.isTTY;
           if (!plain) progress.finish();
-          if (result.error) process.stderr.write(`${programName()}: ${result.error}\n`);
+          if (result.error) printError(`${programName()}: ${result.error}`);
           if (!opts.quiet) await writeOut(result.lines.map((l) => l + '\n').join(''));
           if (plain) {
             if (result.code === 0) progress.finish();

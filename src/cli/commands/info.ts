@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { chainInfo, imageInfo } from '../../ops/info.js';
 import { infoJson, prettyJson } from '../output/json.js';
 import { infoHuman } from '../output/human.js';
+import { tablesOn } from '../output/tables.js';
 import { addImageOptsOption, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
 import { resolveImage } from './image-opts.js';
 
@@ -37,11 +38,11 @@ export function registerInfo(program: Command, run: (file: string | undefined, f
             const infos = await chainInfo(spec.path, spec.format, spec.forceShare, extras);
             infos[0] = { ...infos[0], filename: spec.displayName };
             if (output === 'json') await writeOut(prettyJson(infos.map(infoJson)) + '\n');
-            else await writeOut(infos.map(infoHuman).join('\n'));
+            else await writeOut(infos.map((i) => infoHuman(i, { tables: tablesOn() })).join('\n'));
             return;
           }
           const info = { ...(await imageInfo(spec.path, spec.format, spec.forceShare, extras)), filename: spec.displayName };
-          await writeOut(output === 'json' ? prettyJson(infoJson(info)) + '\n' : infoHuman(info));
+          await writeOut(output === 'json' ? prettyJson(infoJson(info)) + '\n' : infoHuman(info, { tables: tablesOn() }));
         }),
       ),
     );

@@ -6,7 +6,7 @@ import { QimgError } from '../../core/errors.js';
 import { parseImageSize } from '../../core/size.js';
 import { measure } from '../../ops/measure.js';
 import { openSnapshotView, parseSnapshotParam } from '../../ops/snapshot-param.js';
-import { UsageError, formatError } from '../errors.js';
+import { UsageError, formatError, printError } from '../errors.js';
 import { prettyJson } from '../output/json.js';
 import { addImageOptsOption, addObjectOption, collect, parseOutputFormat, withObjects, writeOut } from './common.js';
 import { openResolved, resolveImage } from './image-opts.js';
@@ -53,7 +53,7 @@ export function registerMeasure(program: Command, run: (file: string | undefined
             parseOptions(opts.options, driver.createOptions);
           } catch (err) {
             if (!(err instanceof QimgError)) throw err;
-            process.stderr.write(formatError(err).line + '\n');
+            printError(formatError(err).line);
             throw new UsageError(`Invalid options for file format '${driver.name}'`);
           }
           const r = await measure({ format: opts.targetFormat, optionStrings: opts.options, size, source, secrets });

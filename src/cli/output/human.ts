@@ -1,12 +1,21 @@
-/** qemu-img's human-readable texts: the `info` dump, the snapshot table, map rows. */
+/**
+ * qemu-img's human-readable texts: the `info` dump, the snapshot table, map rows; and
+ * where a view is qimg's own (an OVA's disks), its table on a terminal.
+ */
 import type { ImageInfo, SnapshotInfo } from '../../core/block-image.js';
 import { sizeToStr } from '../../core/size.js';
 import { qdictOrder } from './json.js';
+import { ovaDisksTable } from './tables.js';
 
 const pad = (n: number) => ' '.repeat(n);
 const hex = (n: number) => (n === 0 ? '0' : `0x${n.toString(16)}`);
 
-export function infoHuman(info: ImageInfo): string {
+export interface HumanView {
+  /** draw qimg-only parts as tables (stdout is a terminal); qemu-img's lines stay as they are */
+  tables?: boolean;
+}
+
+export function infoHuman(info: ImageInfo, view: HumanView = {}): string {
   const lines: string[] = [];
   lines.push(`image: ${info.filename}`);
   lines.push(`file format: ${info.format}`);
@@ -28,7 +37,15 @@ export function infoHuman(info: ImageInfo): string {
   }
   if (info.formatSpecific) {
     // qemu dumps the QDict, so members come in QDict (hash) order as in JSON
-    out += 'Format specific information:\n' + dumpValue(qdictOrder(info.formatSpecific.data), 1);
+    const data = qdictOrder(info.formatSpecific.data);
+    out += 'Format specific information:\n';
+    if (view.tables && info.formatSpecific.type === 'ova' && Array.isArray(data.disks)) {
+      // qemu-img has no OVA: its disk list is qimg's own, a table on a terminal
+      const { disks, ...rest } = data;
+      out += dumpValue(rest, 1) + `${pad(4)}disks:\n` + ovaDisksTable(disks as Array<Record<string, unknown>>, 4);
+    } else {
+      out += dumpValue(data, 1);
+    }
   }
   return out;
 }

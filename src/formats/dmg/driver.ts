@@ -12,7 +12,7 @@ import type { HostFile } from '../../io/host.js';
 import { QimgError } from '../../core/errors.js';
 import { UDBZ, UDIG, UDRW, UDZE, UDZO, ULFO, readUdif, searchChunk, type Chunks } from './udif.js';
 import { zlib } from '../../core/lazy-builtins.js';
-import { programName } from '../../core/program-name.js';
+import { emitWarning } from '../../core/warnings.js';
 
 const SECTOR = 512;
 const warned = new Set<number>();
@@ -26,7 +26,7 @@ function warnOnce(type: number): void {
       : type === ULFO
         ? 'lzfse compressed chunks are not supported, accessing them'
         : `Image contains chunks of unknown type ${type.toString(16)}, accessing them`;
-  process.stderr.write(`${programName()}: warning: ${what} will result in I/O errors\n`);
+  emitWarning(`${what} will result in I/O errors`);
 }
 
 class DmgImage extends ReadOnlyImage {

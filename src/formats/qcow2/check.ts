@@ -26,6 +26,7 @@ import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 import { parseBitmapDirectory } from './bitmaps.js';
 import { readHeader, type Qcow2Header } from './header.js';
+import { maxRefcount, readRefcountEntry, refcountEntryText, writeRefcountEntry } from './refcount.js';
 import { snapshotString } from './snapshot.js';
 
 /** Repair leaked clusters (refcount > references). */
@@ -69,81 +70,6 @@ export class CheckFailedError extends QimgError {
 
 const EIO = 'Input/output error';
 const EINVAL = 'Invalid argument';
-
-// ---------------------------------------------------------------------------------
-// Refcount entries of any width (1..64 bits; sub-byte widths: entry 0 in the LSBs)
-
-/** Entry `i` of a refcount block with `bits`-wide entries. */
-export function getRefcountEntry(block: Uint8Array, i: number, bits: number): number {
-  switch (bits) {
-    case 64: {
-      const p = i * 8;
-      const hi = ((block[p] << 24) | (block[p + 1] << 16) | (block[p + 2] << 8) | block[p + 3]) >>> 0;
-      const lo = ((block[p + 4] << 24) | (block[p + 5] << 16) | (block[p + 6] << 8) | block[p + 7]) >>> 0;
-      return hi * TWO32 + lo;
-    }
-    case 32: {
-      const p = i * 4;
-      return ((block[p] << 24) | (block[p + 1] << 16) | (block[p + 2] << 8) | block[p + 3]) >>> 0;
-    }
-    case 16:
-      return (block[i * 2] << 8) | block[i * 2 + 1];
-    case 8:
-      return block[i];
-    default: {
-      const perByte = 8 / bits;
-      const shift = (i % perByte) * bits;
-      return (block[Math.floor(i / perByte)] >> shift) & ((1 << bits) - 1);
-    }
-  }
-}
-
-/** Sets entry `i`; `value` must fit the width. */
-export function setRefcountEntry(block: Uint8Array, i: number, bits: number, value: number): void {
-  switch (bits) {
-    case 64: {
-      const p = i * 8;
-      const hi = Math.floor(value / TWO32);
-      const lo = value - hi * TWO32;
-      block[p] = hi >>> 24;
-      block[p + 1] = (hi >>> 16) & 0xff;
-      block[p + 2] = (hi >>> 8) & 0xff;
-      block[p + 3] = hi & 0xff;
-      block[p + 4] = lo >>> 24;
-      block[p + 5] = (lo >>> 16) & 0xff;
-      block[p + 6] = (lo >>> 8) & 0xff;
-      block[p + 7] = lo & 0xff;
-      return;
-    }
-    case 32: {
-      const p = i * 4;
-      block[p] = value >>> 24;
-      block[p + 1] = (value >>> 16) & 0xff;
-      block[p + 2] = (value >>> 8) & 0xff;
-      block[p + 3] = value & 0xff;
-      return;
-    }
-    case 16:
-      block[i * 2] = value >>> 8;
-      block[i * 2 + 1] = value & 0xff;
-      return;
-    case 8:
-      block[i] = value;
-      return;
-    default: {
-      const perByte = 8 / bits;
-      const pos = Math.floor(i / perByte);
-      const shift = (i % perByte) * bits;
-      const mask = ((1 << bits) - 1) << shift;
-      block[pos] = (block[pos] & ~mask) | ((value << shift) & mask);
-    }
-  }
-}
-
-/** Largest refcount an entry of `bits` bits holds. */
-export function maxRefcount(bits: number): number {
-  return bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
-}
 
 /**
  * The in-memory refcount table: one slot per host cluster, as narrow as the image's
@@ -378,7 +304,14 @@ class Qcow2Checker {
     const block = await this.refblock(Math.floor(k / this.blockEntries));
     if (block === BAD_BLOCK) return null;
     if (block === null) return 0;
-    return getRefcountEntry(block, k % this.blockEntries, this.bits);
+    return readRefcountEntry(block, k % this.blockEntries, this.bits);
+  }
+
+  /** A stored refcount as qemu prints it (exact, also where `rc` saturated). */
+  private async refcountText(k: number, rc: number): Promise<string> {
+    if (rc < Number.MAX_SAFE_INTEGER) return String(rc);
+    const block = await this.refblock(Math.floor(k / this.blockEntries));
+    return block === BAD_BLOCK || block === null ? String(rc) : refcountEntryText(block, k % this.blockEntries, this.bits);
   }
 
   private markBlockDirty(buf: Buffer): void {
@@ -731,7 +664,7 @@ class Qcow2Checker {
           res.checkErrors++;
           continue;
         }
-        const rc1 = block === null ? 0 : getRefcountEntry(block, k - first, this.bits);
+        const rc1 = block === null ? 0 : readRefcountEntry(block, k - first, this.bits);
         const rc2 = imrt.get(k);
         if (rc1 > 0 || rc2 > 0) this.highest = k;
         if (rc1 === rc2) continue;
@@ -739,9 +672,9 @@ class Qcow2Checker {
         if (rc1 === 0) this.rebuild = true;
         else if (rc1 > rc2 && fix & FIX_LEAKS) fixed = 'leaksFixed';
         else if (rc1 < rc2 && fix & FIX_ERRORS) fixed = 'corruptionsFixed';
-        this.log(`${fixed ? 'Repairing' : rc1 < rc2 ? 'ERROR' : 'Leaked'} cluster ${k} refcount=${rc1} reference=${rc2}`);
+        this.log(`${fixed ? 'Repairing' : rc1 < rc2 ? 'ERROR' : 'Leaked'} cluster ${k} refcount=${block === null ? 0 : refcountEntryText(block, k - first, this.bits)} reference=${rc2}`);
         if (fixed && block) {
-          setRefcountEntry(block, k - first, this.bits, rc2);
+          writeRefcountEntry(block, k - first, this.bits, rc2);
           this.markBlockDirty(block);
           res[fixed]++;
           continue;
@@ -767,11 +700,12 @@ class Qcow2Checker {
       const offLo = (lo & 0xfffffe00) >>> 0;
       if (offHi === 0 && offLo === 0) continue;
       const l2Offset = offHi * TWO32 + offLo;
-      const rc = await this.getRefcount(Math.floor(l2Offset / this.cs));
+      const l2Cluster = Math.floor(l2Offset / this.cs);
+      const rc = await this.getRefcount(l2Cluster);
       if (rc === null) continue;
       const copied = (hi & 0x80000000) !== 0;
       if ((rc === 1) !== copied) {
-        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`);
+        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${await this.refcountText(l2Cluster, rc)}`);
         if (repair) {
           const entry = Buffer.alloc(8);
           entry.writeUInt32BE((rc === 1 ? hi | 0x80000000 : hi & 0x7fffffff) >>> 0, 0);
@@ -798,11 +732,12 @@ class Qcow2Checker {
         const zeroFlag = !this.extL2 && (eLo & 1) !== 0;
         const allocated = zeroFlag ? hasOffset : hasOffset || (this.hasDataFile && (eHi & 0x80000000) !== 0);
         if (!allocated) continue;
-        const drc = this.hasDataFile ? 1 : await this.getRefcount(Math.floor((dHi * TWO32 + dLo) / this.cs));
+        const dataCluster = Math.floor((dHi * TWO32 + dLo) / this.cs);
+        const drc = this.hasDataFile ? 1 : await this.getRefcount(dataCluster);
         if (drc === null) continue;
         const eCopied = (eHi & 0x80000000) !== 0;
         if ((drc === 1) === eCopied) continue;
-        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(eHi, eLo)} refcount=${drc}`);
+        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(eHi, eLo)} refcount=${await this.refcountText(dataCluster, drc)}`);
         if (repair) {
           table.writeUInt32BE((drc === 1 ? eHi | 0x80000000 : eHi & 0x7fffffff) >>> 0, p);
           dirty = true;
@@ -919,7 +854,7 @@ class Qcow2Checker {
       const last = Math.min(imrt.length, first + E);
       for (let c = first; c < last; c++) {
         const v = imrt.get(c);
-        if (v !== 0) setRefcountEntry(block, c - first, this.bits, v);
+        if (v !== 0) writeRefcountEntry(block, c - first, this.bits, v);
       }
       await this.file.write(block, blockOffset);
       table.writeUInt32BE(Math.floor(blockOffset / TWO32), b * 8);

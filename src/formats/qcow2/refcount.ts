@@ -14,41 +14,75 @@ import { CorruptImageError, QimgError } from '../../core/errors.js';
 import type { HostFile } from '../../io/host.js';
 import { TableCache } from './table-cache.js';
 
-/** Entry `i` of a refcount block with `bits`-wide entries (sub-byte widths: bit 0 = LSB). */
-export function readRefcountEntry(block: Buffer, i: number, bits: number): number {
+// Refcount entries of every width the spec allows (refcount_order 0..6: 1 to 64 bits).
+// One codec for the driver, create, amend, the metadata switch and check. Entries of
+// 8 bits and more are big endian; narrower ones pack from the least significant bit
+// (entry 0 of a byte in bit 0). Plain byte arithmetic, so any Uint8Array will do.
+
+const TWO32 = 0x100000000;
+
+/** Largest refcount an entry of `bits` bits holds (64-bit entries: as far as a number is exact). */
+export function maxRefcount(bits: number): number {
+  return bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
+}
+
+function u32(block: Uint8Array, p: number): number {
+  return ((block[p] << 24) | (block[p + 1] << 16) | (block[p + 2] << 8) | block[p + 3]) >>> 0;
+}
+
+function putU32(block: Uint8Array, p: number, v: number): void {
+  block[p] = v >>> 24;
+  block[p + 1] = (v >>> 16) & 0xff;
+  block[p + 2] = (v >>> 8) & 0xff;
+  block[p + 3] = v & 0xff;
+}
+
+/**
+ * Entry `i` of a refcount block with `bits`-wide entries. A 64-bit entry beyond 2^53
+ * (no real count is that high) saturates at Number.MAX_SAFE_INTEGER instead of losing
+ * precision; `refcountEntryText` gives its exact value for messages.
+ */
+export function readRefcountEntry(block: Uint8Array, i: number, bits: number): number {
   switch (bits) {
     case 64: {
-      const hi = block.readUInt32BE(i * 8);
-      const lo = block.readUInt32BE(i * 8 + 4);
-      // Counts beyond 2^53 cannot be real: saturate instead of losing precision.
-      return hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + lo;
+      const hi = u32(block, i * 8);
+      return hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * TWO32 + u32(block, i * 8 + 4);
     }
     case 32:
-      return block.readUInt32BE(i * 4);
+      return u32(block, i * 4);
     case 16:
-      return block.readUInt16BE(i * 2);
+      return (block[i * 2] << 8) | block[i * 2 + 1];
     case 8:
       return block[i];
     default: {
       const perByte = 8 / bits;
-      const byte = block[Math.floor(i / perByte)];
       const shift = (i % perByte) * bits;
-      return (byte >> shift) & ((1 << bits) - 1);
+      return (block[Math.floor(i / perByte)] >> shift) & ((1 << bits) - 1);
     }
   }
 }
 
-export function writeRefcountEntry(block: Buffer, i: number, bits: number, value: number): void {
+/** Entry `i` in decimal, exact for every width (qemu prints refcounts as uint64). */
+export function refcountEntryText(block: Uint8Array, i: number, bits: number): string {
+  if (bits !== 64) return String(readRefcountEntry(block, i, bits));
+  return ((BigInt(u32(block, i * 8)) << 32n) | BigInt(u32(block, i * 8 + 4))).toString();
+}
+
+/** Sets entry `i` to `value` (0..maxRefcount(bits)); the neighbours of a sub-byte entry keep theirs. */
+export function writeRefcountEntry(block: Uint8Array, i: number, bits: number, value: number): void {
   switch (bits) {
-    case 64:
-      block.writeUInt32BE(Math.floor(value / 0x100000000), i * 8);
-      block.writeUInt32BE(value % 0x100000000, i * 8 + 4);
+    case 64: {
+      const hi = Math.floor(value / TWO32);
+      putU32(block, i * 8, hi);
+      putU32(block, i * 8 + 4, value - hi * TWO32);
       return;
+    }
     case 32:
-      block.writeUInt32BE(value, i * 4);
+      putU32(block, i * 4, value);
       return;
     case 16:
-      block.writeUInt16BE(value, i * 2);
+      block[i * 2] = value >>> 8;
+      block[i * 2 + 1] = value & 0xff;
       return;
     case 8:
       block[i] = value;
@@ -102,7 +136,7 @@ export class Refcounts {
     this.clusterSize = layout.clusterSize;
     this.bits = 1 << layout.refcountOrder;
     this.blockEntries = (layout.clusterSize * 8) / this.bits;
-    this.maxRefcount = this.bits === 64 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
+    this.maxRefcount = maxRefcount(this.bits);
     this.blocks = new TableCache(256, (off) => file.readBytes(off, this.clusterSize), (off, buf) => this.file.write(buf, off));
   }
 
