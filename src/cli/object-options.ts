@@ -366,7 +366,7 @@ function glibBase64Decode(input: Buffer): Buffer {
   let v = 0;
   let i = 0;
   let last0 = 0;
-  let last1 = 0;
+  let last1: number;
   for (const c of input) {
     const rank = c === 0x3d ? 0 : base64Rank(c);
     if (rank < 0) continue;

@@ -18,6 +18,7 @@
  */
 import { createCipheriv, createDecipheriv, createHash, getCiphers, type Cipher, type Decipher } from 'node:crypto';
 import { HASH_DIGEST_LENGTHS } from '../formats/qcow2/luks.js';
+import { printable } from '../core/printable.js';
 
 export const SECTOR_SIZE = 512;
 
@@ -446,7 +447,3 @@ function writeSectorIv(ivs: Buffer, at: number, n: number, first: number | bigin
   if (!plain32 && n >= 8) ivs.writeUInt32LE(hi, at + 4);
 }
 
-/** Keeps error messages on one line. */
-function printable(s: string): string {
-  return s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
-}

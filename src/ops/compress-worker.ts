@@ -39,7 +39,7 @@ function loadZstd(): ZstdCompress {
     };
     return zstd;
   } catch (err) {
-    throw new Error(`zstd compression needs libzstd (Debian: libzstd1): ${(err as Error).message}`);
+    throw new Error(`zstd compression needs libzstd (Debian: libzstd1): ${(err as Error).message}`, { cause: err });
   }
 }
 

@@ -19,9 +19,10 @@ const hasScript = spawnSync('script', ['--version']).status === 0;
 const tmp = tempDir('qimg-style-');
 afterAll(() => tmp.cleanup());
 
-const SGR = /\x1b\[[0-9;]*m/g;
+const ESC = '\x1b';
+const SGR = new RegExp(`${ESC}\\[[0-9;]*m`, 'g');
 const strip = (s: string) => s.replace(SGR, '');
-const hasSgr = (s: string) => /\x1b\[[0-9;]*m/.test(s);
+const hasSgr = (s: string) => new RegExp(`${ESC}\\[[0-9;]*m`).test(s);
 const RED = '\x1b[31m';
 const YELLOW = '\x1b[33m';
 const GREEN = '\x1b[32m';
@@ -192,7 +193,7 @@ describe.skipIf(!enabled)('errors, warnings and check: qemu-img bytes when piped
       if (plain.startsWith('ERROR')) expect(line.startsWith(RED)).toBe(true);
       else if (plain.startsWith('Leaked')) expect(line.startsWith(YELLOW)).toBe(true);
     }
-    expect(m.stdout).toMatch(/\x1b\[31m\d+ errors were found on the image\./);
+    expect(m.stdout).toMatch(new RegExp(`${ESC}\\[31m\\d+ errors were found on the image\\.`));
   });
 
   it('check -r leaks with FORCE_COLOR=1: repairs green; piped the same text as qemu-img', () => {

@@ -635,7 +635,7 @@ const strategies: Record<string, Strategy> = {
     const sectorsMask = (1n << BigInt(L.clusterBits - 8)) - 1n;
     const offMask = (1n << x) - 1n;
     const cur = e.get(c.at, 8);
-    let v = cur;
+    let v: bigint;
     switch (r.int(0, 4)) {
       case 0: {
         // the sector count

@@ -294,7 +294,7 @@ describe.skipIf(!enabled)('snapshot interop with qemu-img', () => {
     expect(after[0]).toEqual(before[0]);
     const listAfter = must(qemuImg(['snapshot', '-l', 'a.qcow2'], dir), 'list').stdout;
     expect(line(listAfter, 'vm1')).toBe(line(listBefore, 'vm1'));
-    expect(line(listAfter, 'vm1')).toMatch(/4\.77 MiB 2020-09-1\d \d\d:\d\d:\d\d 01:02:03\.004  987654321$/);
+    expect(line(listAfter, 'vm1')).toMatch(/4\.77 MiB 2020-09-1\d \d\d:\d\d:\d\d 01:02:03\.004 {2}987654321$/);
     sameListing(dir, 'a.qcow2');
     // qimg's own entries carry what qemu-img stores: no VM state, clock 0, icount 0, current size
     expect(after[1]).toMatchObject({ 'vm-state-size': 0, 'vm-clock-sec': 0, 'vm-clock-nsec': 0, icount: 0 });

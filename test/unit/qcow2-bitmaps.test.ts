@@ -32,6 +32,7 @@ function mustQemuImg(args: string[]): void {
 }
 
 /** `qemu-img info` of a qcow2 image: the parsed JSON, or the error text after "Could not open '…': ". */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- qemu-img's JSON, probed field by field
 function qemuInfo(path: string): { ok: true; json: any } | { ok: false; error: string } {
   const r = qemuImg(['info', '--output=json', '-f', 'qcow2', path]);
   if (r.status === 0) return { ok: true, json: JSON.parse(r.stdout) };

@@ -23,6 +23,7 @@ import { CorruptImageError } from '../../core/errors.js';
 import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 import type { BitmapsExtension } from './header.js';
+import { printable } from '../../core/printable.js';
 
 export interface BitmapEntry {
   /** The name as QEMU sees it: the name bytes up to the first NUL, decoded as UTF-8. */
@@ -223,7 +224,3 @@ function align8(n: number): number {
   return Math.ceil(n / 8) * 8;
 }
 
-/** Keeps error messages on one line: control characters become \xNN. */
-function printable(s: string): string {
-  return s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
-}

@@ -577,7 +577,7 @@ class Qcow2Checker {
     try {
       const dir = await this.read(ext.directoryOffset, ext.directorySize);
       entries = parseBitmapDirectory(dir, ext.nbBitmaps, this.cs, this.path);
-    } catch (err) {
+    } catch {
       this.res.corruptions++;
       throw new CheckFailedError(EINVAL, this.path);
     }
@@ -822,7 +822,7 @@ class Qcow2Checker {
 
     // Refblocks and table go at `start`; they need refcounts themselves, which may
     // need more refblocks and a bigger table: iterate until the layout is stable.
-    let indices = used;
+    let indices: number[];
     let nBlocks = 0;
     let tableClusters = 0;
     for (;;) {

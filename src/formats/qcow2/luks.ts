@@ -24,6 +24,7 @@
 import { CorruptImageError } from '../../core/errors.js';
 import type { HostFile } from '../../io/host.js';
 import type { CryptoExtension } from './header.js';
+import { printable } from '../../core/printable.js';
 
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 export const LUKS_VERSION = 1;
@@ -326,7 +327,3 @@ function cString(buf: Buffer, at: number, len: number): string | undefined {
   return nul < 0 ? undefined : field.subarray(0, nul).toString('utf8');
 }
 
-/** Keeps error messages on one line: control characters become \xNN. */
-function printable(s: string): string {
-  return s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
-}

@@ -32,7 +32,7 @@ export interface Generation {
 async function firstFreeAtEnd(img: Qcow2Image): Promise<number> {
   const cs = img.geometry.clusterSize;
   const rc = img.refcounts;
-  let end = Math.ceil(img.file.size / cs);
+  const end = Math.ceil(img.file.size / cs);
   for (let index = rc.tableEntries - 1; index >= 0; index--) {
     if (rc.blockOffset(index) === 0) continue;
     for (let c = (index + 1) * rc.blockEntries - 1; c >= index * rc.blockEntries; c--) {
