@@ -6,6 +6,29 @@
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { QimgError, describeSystemError } from '../core/errors.js';
+import { lockImage } from './lock.js';
+
+/**
+ * Opens a file for a new image: created if missing, otherwise emptied — but only once
+ * QEMU's write lock is ours, so an image in use (by QEMU, or by this very command as
+ * its source: `convert x.raw x.raw`) is refused untouched, as qemu-img refuses it.
+ */
+export async function openNewImageFile(path: string): Promise<FileHandle> {
+  let handle: FileHandle;
+  try {
+    handle = await open(path, constants.O_RDWR | constants.O_CREAT, 0o644);
+  } catch (err) {
+    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
+  }
+  try {
+    lockImage(handle.fd, path, 'write');
+    if ((await handle.stat()).isFile()) await handle.truncate(0);
+  } catch (err) {
+    await handle.close().catch(() => undefined);
+    throw err;
+  }
+  return handle;
+}
 
 /** `reword` turns a failure of `fill` into what the format reports (as qemu's driver words it). */
 export async function writeNewFile(
@@ -13,18 +36,15 @@ export async function writeNewFile(
   fill: (handle: FileHandle) => Promise<void>,
   reword: (err: unknown) => unknown = (err) => err,
 ): Promise<void> {
-  let handle: FileHandle;
-  try {
-    handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
+  const handle = await openNewImageFile(path);
+  const regular = (await handle.stat()).isFile();
   try {
     await fill(handle);
     await handle.close();
   } catch (err) {
     await handle.close().catch(() => undefined);
-    await unlink(path).catch(() => undefined);
+    // a device given as the output (/dev/null, a disk) is never removed
+    if (regular) await unlink(path).catch(() => undefined);
     throw reword(err);
   }
 }

@@ -115,8 +115,9 @@ export async function convert(req: ConvertRequest): Promise<void> {
       });
       if (prepared === 'help') throw new QimgError('-o help is handled by the caller');
       targetOptions = keySecretOptions(prepared.options);
-      const existed = await stat(req.output).then(
-        (s) => s.isBlockDevice(),
+      // an output that is a device (block or character) is written, never removed
+      const device = await stat(req.output).then(
+        (s) => !s.isFile(),
         () => false,
       );
       if (req.compress) {
@@ -126,7 +127,6 @@ export async function convert(req: ConvertRequest): Promise<void> {
         const prealloc = values.get('preallocation');
         if (prealloc !== undefined && prealloc !== 'off') throw unnamed('Compression and preallocation not supported at the same time');
       }
-      created = !existed;
       const dataFile = prepared.options.values.get('data_file');
       if (typeof dataFile === 'string' && dataFile !== '') {
         const path = resolveRelative(dataFile, req.output);
@@ -135,6 +135,9 @@ export async function convert(req: ConvertRequest): Promise<void> {
       }
       try {
         await prepared.run();
+        // only now is the output this run's: a create refused (an image in use, such as
+        // the source itself) leaves the file that was there alone
+        created = !device;
       } catch (err) {
         // qemu-img: "OUT: error while converting FMT: <the driver's message>"
         if (err instanceof QimgError) throw new QimgError(`error while converting ${req.outputFormat}: ${err.message}`, { file: req.output, cause: err });

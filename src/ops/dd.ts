@@ -102,8 +102,9 @@ export async function dd(req: DdRequest): Promise<void> {
       if (err instanceof QimgError) throw new QimgError(`error while creating output image: ${err.message}`, { file: req.output, cause: err });
       throw err;
     }
-    // from here on the output holds nothing but what this run writes
-    created = !device;
+    // from here on the output holds nothing but what this run writes; a device (block
+    // or character) is never removed
+    created = !before || before.isFile();
     target = await openImage(req.output, { format: driver.name, writable: true, secrets: req.secrets });
     if (range.skipBeyondEnd) req.onSkipBeyondEnd?.(`${inputName}: cannot skip to specified offset`);
 

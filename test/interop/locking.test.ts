@@ -7,7 +7,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { openImage } from '../../src/index.js';
-import { ok, qemuAvailable, qemuImg, qimg, sha256File, tempDir } from '../helpers/qemu.js';
+import { ok, qemuAvailable, qemuImg, qemuIo, qimg, sha256File, tempDir } from '../helpers/qemu.js';
 
 const enabled = qemuAvailable();
 const tmp = tempDir('qimg-lock-');
@@ -16,13 +16,13 @@ afterAll(() => tmp.cleanup());
 /** qemu-io holding `file` open read-write until killed. */
 async function holdWithQemuIo(file: string): Promise<ChildProcess> {
   const child = spawn('qemu-io', ['-c', 'sleep 60000', file], { stdio: 'ignore' });
-  // Wait until its locks are visible.
-  for (let i = 0; i < 100; i++) {
+  // Wait until its locks are visible (up to 15 s: a loaded machine starts qemu-io slowly).
+  for (let i = 0; i < 300; i++) {
     if (qemuImg(['info', file]).status !== 0) return child;
     await new Promise((r) => setTimeout(r, 50));
   }
   child.kill('SIGKILL');
-  throw new Error('qemu-io did not take its locks');
+  throw new Error(`qemu-io did not take its locks on ${file}: ${JSON.stringify(qemuImg(['info', file]))}`);
 }
 
 describe.skipIf(!enabled)('image locking', () => {
@@ -71,6 +71,32 @@ describe.skipIf(!enabled)('image locking', () => {
     const w = spawnSync('qemu-io', ['-c', 'read -P 7 0 4k', file], { encoding: 'utf8' });
     expect(w.status).toBe(0);
     expect(w.stdout).not.toMatch(/Pattern verification failed/);
+  });
+
+  it('creating over an image in use is refused with the image untouched (create, convert onto its own source)', async () => {
+    for (const fmt of ['raw', 'qcow2', 'vmdk', 'vpc']) {
+      const src = join(tmp.path, `self.${fmt}`);
+      ok(qemuImg(['create', '-q', '-f', fmt, src, '1M']));
+      ok(qemuIo(['-f', fmt, '-c', 'write -P 7 0 64k', src]), 'qemu-io');
+      const before = sha256File(src);
+      // convert onto its own source: qemu-img fails on the lock, the data survive
+      const r = qimg(['convert', '-f', fmt, '-O', fmt, src, src]);
+      expect(r.status, fmt).toBe(1);
+      expect(r.stderr).toMatch(/Failed to get "write" lock/);
+      expect(sha256File(src), fmt).toBe(before);
+      // create over an image qemu-io holds (holdWithQemuIo sees its locks through
+      // qemu-img info, which takes none on raw images)
+      if (fmt === 'raw') continue;
+      const holder = await holdWithQemuIo(src);
+      try {
+        const c = qimg(['create', '-f', fmt, src, '2M']);
+        expect(c.status, fmt).toBe(1);
+        expect(c.stderr).toMatch(/Failed to get "write" lock/);
+      } finally {
+        holder.kill('SIGKILL');
+      }
+      expect(sha256File(src), fmt).toBe(before);
+    }
   });
 
   it('readers share: two read-only opens and qemu-img info at once', async () => {

@@ -1,8 +1,9 @@
 /**
  * Colour for human output, the one place that decides it. Each stream decides for
  * itself (stderr for errors, warnings and check findings; stdout for the check
- * summary): colour when the stream is a terminal and chalk finds colour support
- * there (TERM, COLORTERM, ...), unless NO_COLOR is set to something; FORCE_COLOR
+ * summary): colour when the stream is a terminal (at chalk's level for TERM,
+ * COLORTERM, ..., at least basic colours), unless NO_COLOR is set to something or
+ * TERM is dumb; FORCE_COLOR
  * (as chalk reads it: 0/false off, 1-3/true on) overrides both, as in Node. Without
  * colour every function here returns its text unchanged, so piped output, as
  * scripts read it, stays qemu-img's byte for byte; with colour only escape codes are
@@ -24,7 +25,10 @@ function levelFor(stream: Stream): 0 | 1 | 2 | 3 {
   // not a terminal: never colour (chalk would for Azure Pipelines' TF_BUILD)
   if (!isatty(stream === 'stdout' ? 1 : 2)) return 0;
   if (process.env.NO_COLOR) return 0;
-  return level;
+  if (process.env.TERM === 'dumb') return 0;
+  // a terminal all the same: chalk's guess from CI variables (none for an unknown CI)
+  // is for piped logs, and this stream is not one
+  return level === 0 ? 1 : level;
 }
 
 /** The chalk instance for a stream, or null when it gets no colour. */

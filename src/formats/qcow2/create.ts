@@ -3,9 +3,9 @@
  * layout (header, refcount table, refcount blocks, L1 table) written in one go, then
  * preallocation through the regular write path.
  */
-import { open as openFile, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
-import { QimgError, describeSystemError } from '../../core/errors.js';
+import { unlink } from 'node:fs/promises';
+import { openNewImageFile } from '../../io/new-file.js';
+import { QimgError } from '../../core/errors.js';
 import type { OptionValue } from '../../core/options.js';
 import { openImage, resolveRelative } from '../../core/open.js';
 import { writeU64 } from '../../core/units.js';
@@ -255,13 +255,8 @@ async function writeQcow2(path: string, spec: Qcow2CreateSpec, created: string[]
     writeRefcountEntry(blocks.subarray(b * cs, (b + 1) * cs), c % blockEntries, spec.refcountBits, 1);
   }
 
-  let handle;
-  try {
-    handle = await openFile(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new QimgError(`Could not create '${path}': ${describeSystemError(err)}`, { cause: err });
-  }
-  created.push(path);
+  const handle = await openNewImageFile(path);
+  if ((await handle.stat()).isFile()) created.push(path);
   try {
     // The header goes last: until it is written the file is no qcow2 image at all, so a
     // crash in between never leaves a header pointing at missing refcount structures.
@@ -277,13 +272,8 @@ async function writeQcow2(path: string, spec: Qcow2CreateSpec, created: string[]
 
   if (spec.dataFile !== undefined) {
     const dataPath = resolveRelative(spec.dataFile, path);
-    let dh;
-    try {
-      dh = await openFile(dataPath, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-    } catch (err) {
-      throw new QimgError(`Could not create '${dataPath}': ${describeSystemError(err)}`, { cause: err });
-    }
-    created.push(dataPath);
+    const dh = await openNewImageFile(dataPath);
+    if ((await dh.stat()).isFile()) created.push(dataPath);
     try {
       await dh.truncate(spec.size);
     } finally {

@@ -4,10 +4,10 @@
  * written in VMware's layout (header with gdOffset = GD_AT_END, then tables, directory
  * and footer after the grains), which qemu reads as well.
  */
-import { open, unlink } from 'node:fs/promises';
-import { constants } from 'node:fs';
+import { unlink } from 'node:fs/promises';
+import { openNewImageFile } from '../../io/new-file.js';
 import { basename } from 'node:path';
-import { QimgError, describeSystemError } from '../../core/errors.js';
+import { QimgError } from '../../core/errors.js';
 import { openImage, resolveRelative } from '../../core/open.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.js';
 import { DEFAULT_GRAIN_SECTORS, DEFAULT_GT_ENTRIES, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR, SPLIT_SIZE } from './constants.js';
@@ -221,13 +221,8 @@ export async function createVmdk(path: string, size: number, options: Map<string
   });
 
   const writeFile = async (p: string, fn: (fd: import('node:fs/promises').FileHandle) => Promise<void>) => {
-    let fd;
-    try {
-      fd = await open(p, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o644);
-    } catch (err) {
-      throw new QimgError(`Could not create '${p}': ${describeSystemError(err)}`, { cause: err });
-    }
-    created.push(p);
+    const fd = await openNewImageFile(p);
+    if ((await fd.stat()).isFile()) created.push(p);
     try {
       await fn(fd);
       await fd.datasync();
