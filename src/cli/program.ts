@@ -12,7 +12,7 @@ import { registerCreate } from './commands/create.js';
 import { registerInfo } from './commands/info.js';
 import { registerMap } from './commands/map.js';
 import { registerCheck } from './commands/check.js';
-import { reportError } from './errors.js';
+import { escapeLines, reportError } from './errors.js';
 import { programName } from '../core/program-name.js';
 import { maskSecretData } from './object-options.js';
 
@@ -34,7 +34,7 @@ export function buildProgram(result: RunResult): Command {
     })
     .exitOverride()
     .configureOutput({
-      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? `${programName()}: ${qemuUsageMessage(s.slice(7))}` : s),
+      writeErr: (s) => process.stderr.write(escapeLines(s.startsWith('error: ') ? `${programName()}: ${qemuUsageMessage(s.slice(7))}` : s)),
     })
     .showSuggestionAfterError(false)
     .showHelpAfterError(`Try '${programName()} --help' for more information`)
