@@ -2,8 +2,10 @@
 import { registerFormats } from '../formats/index.js';
 import type { Command } from 'commander';
 import { buildProgram, isCommanderError } from './program.js';
-import { printError, reportError, warn } from './errors.js';
+import { escapeControl, printError, reportError, warn } from './errors.js';
 import { setWarningSink } from '../core/warnings.js';
+import { digitOptionArgument, optionTable } from './getopt.js';
+import { resizeArgv } from './commands/resize.js';
 import { programName, setProgramName } from '../core/program-name.js';
 
 export async function main(argv: string[]): Promise<void> {
@@ -22,6 +24,13 @@ export async function main(argv: string[]): Promise<void> {
     process.exitCode = 1;
     return;
   }
+  const checked = qemuArgv(program, argv);
+  if ('error' in checked) {
+    process.stderr.write(escapeControl(`${programName()}: ${checked.error}`) + `\nTry '${programName()} --help' for more information\n`);
+    process.exitCode = 1;
+    return;
+  }
+  argv = checked.argv;
   try {
     await program.parseAsync(expandLongOptionPrefixes(program, rewriteProgressOption(argv)));
   } catch (err) {
@@ -63,6 +72,28 @@ export function expandLongOptionPrefixes(program: Command, argv: string[]): stri
     out.push(arg);
   }
   return out;
+}
+
+/**
+ * The command line as qemu-img's getopt reads it, where commander would read it
+ * otherwise: resize's last argument is always the size, and an argument such as "-1"
+ * is an (unknown) option, not a negative number (see getopt.ts).
+ */
+export function qemuArgv(program: Command, argv: string[]): { argv: string[] } | { error: string } {
+  const name = argv[2];
+  const cmd = program.commands.find((c) => c.name() === name || c.aliases().includes(name));
+  if (!cmd) return { argv };
+  let args = argv.slice(3);
+  let options = args;
+  if (cmd.name() === 'resize') {
+    const r = resizeArgv(args);
+    if ('error' in r) return { error: r.error };
+    args = r.args;
+    options = r.size !== undefined ? args.slice(0, -1) : args;
+  }
+  const bad = digitOptionArgument([name, ...options], optionTable(cmd));
+  if (bad !== undefined) return { error: `unrecognized option '${bad}'` };
+  return { argv: [...argv.slice(0, 3), ...args] };
 }
 
 /** `--progress=json` (machine progress) becomes the hidden --progress-json flag; `--progress=human` is -p. */

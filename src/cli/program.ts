@@ -15,7 +15,7 @@ import { registerCheck } from './commands/check.js';
 import { registerBitmap } from './commands/bitmap.js';
 import { registerDd } from './commands/dd.js';
 import { registerBench } from './commands/bench.js';
-import { reportError } from './errors.js';
+import { escapeLines, reportError } from './errors.js';
 import { errorText } from './output/style.js';
 import { programName } from '../core/program-name.js';
 import { maskSecretData } from './object-options.js';
@@ -38,7 +38,7 @@ export function buildProgram(result: RunResult): Command {
     })
     .exitOverride()
     .configureOutput({
-      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? errorText(`${programName()}: ${qemuUsageMessage(s.slice(7))}`) : s),
+      writeErr: (s) => process.stderr.write(s.startsWith('error: ') ? errorText(escapeLines(`${programName()}: ${qemuUsageMessage(s.slice(7))}`)) : escapeLines(s)),
     })
     .showSuggestionAfterError(false)
     .showHelpAfterError(`Try '${programName()} --help' for more information`)

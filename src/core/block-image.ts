@@ -138,6 +138,12 @@ export interface BlockImage {
   setBacking?(name: string | undefined, format: string | undefined): Promise<void>;
   /** Drops all of this layer's data (commit); reads then fall through to the backing file. */
   makeEmpty?(): Promise<void>;
+  /**
+   * Where a guest range is stored as plain bytes in a local file (raw images): the file
+   * descriptor, the host offset and how many bytes from there (0 past the end of the
+   * file). For in-kernel copies (convert -C); absent or undefined: read and write.
+   */
+  plainRange?(offset: number, length: number): { fd: number; hostOffset: number; length: number } | undefined;
   /** Persistent dirty bitmaps stored in the image (formats that have them). */
   persistentBitmaps?(): Promise<Array<{ name: string; granularity: number }>>;
   /** Data the `info` command prints. */

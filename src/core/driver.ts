@@ -96,7 +96,7 @@ export interface FormatDriver {
    * `measure -O` for a format other than raw and qcow2: the sizes a new image of
    * `virtualSize` bytes needs (qemu's bdrv_measure), or qemu's refusal.
    */
-  measure?(virtualSize: number, options: Map<string, OptionValue>, ctx: CreateContext): Promise<{ required: number; fullyAllocated: number }>;
+  measure?(virtualSize: bigint, options: Map<string, OptionValue>, ctx: CreateContext): Promise<{ required: bigint; fullyAllocated: bigint }>;
   /**
    * A new image does not read as zeros (qemu's bdrv_has_zero_init() is 0: a luks
    * payload nobody wrote decrypts to noise), so convert must write its zero ranges.

@@ -39,6 +39,7 @@ export function describeSystemError(err: unknown): string {
       EACCES: 'Permission denied',
       EISDIR: 'Is a directory',
       ENOSPC: 'No space left on device',
+      EINVAL: 'Invalid argument',
       EIO: 'Input/output error',
       EROFS: 'Read-only file system',
       EPERM: 'Operation not permitted',

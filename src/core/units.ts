@@ -61,3 +61,29 @@ export function alignDown(value: number, alignment: number): number {
 export function divRoundUp(a: number, b: number): number {
   return Math.ceil(a / b);
 }
+
+/**
+ * An integer as decimal text, exact beyond 2^53: JavaScript prints large doubles with
+ * the fewest digits that read back the same (2^61 as "2305843009213694000"), while
+ * qemu prints every digit. Image sizes up to 2^62 that are whole sectors are exact
+ * doubles, so their digits are known.
+ */
+export function intString(n: number | bigint): string {
+  if (typeof n === 'bigint') return n.toString();
+  return Number.isInteger(n) && Math.abs(n) >= 2 ** 53 ? BigInt(n).toString() : String(n);
+}
+
+/** The largest virtual size kept as a number: whole sectors below it are exact doubles. */
+export const MAX_EXACT_SECTOR_SIZE = 2 ** 62;
+
+/**
+ * Writes a virtual disk size as a big-endian u64. Unlike writeU64 it takes sizes of
+ * 2^53 and more (qcow2 images reach 2 EiB with 2 MiB clusters): whole sectors below
+ * 2^62 are exact as numbers.
+ */
+export function writeSizeU64(buf: Buffer, pos: number, value: number): void {
+  if (!Number.isInteger(value) || value < 0 || (value > MAX_SAFE && (value % 512 !== 0 || value >= MAX_EXACT_SECTOR_SIZE))) {
+    throw new RangeError(`not an exact disk size: ${value}`);
+  }
+  buf.writeBigUInt64BE(BigInt(value), pos);
+}

@@ -6,7 +6,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { constants, readFileSync, statSync } from 'node:fs';
 import { QimgError, describeSystemError } from '../core/errors.js';
-import { native, SEEK_END } from './native.js';
+import { native, SEEK_END, EFBIG, EINVAL } from './native.js';
 import { fileRunAt, type FileRun } from './sparse.js';
 import { lockImage, type LockMode } from './lock.js';
 import type { HostFile } from './host.js';
@@ -33,9 +33,13 @@ export class ImageFile implements HostFile {
       throw new QimgError(`Could not open '${path}': ${describeSystemError(err)}`, { file: path, cause: err });
     }
     try {
-      const st = await handle.stat();
+      const st = await handle.stat({ bigint: true });
       if (st.isDirectory()) throw Object.assign(new Error('Is a directory'), { code: 'EISDIR' });
-      let size = st.size;
+      // qemu's block layer refuses a file longer than it can address (BDRV_MAX_LENGTH)
+      if (st.size > MAX_FILE_LENGTH) throw new QimgError(`Could not open '${path}': Could not refresh total sector count: File too large`, { file: path });
+      // (sizes past 2^53 are exact as whole sectors; a file that is not, only on file
+      // systems that hold 8 PiB files, counts as its size rounded up to a sector)
+      let size = st.size > BigInt(Number.MAX_SAFE_INTEGER) ? Number(((st.size + 511n) / 512n) * 512n) : Number(st.size);
       const isBlockDevice = st.isBlockDevice();
       if (isBlockDevice) size = blockDeviceSize(handle.fd, path);
       lockImage(handle.fd, path, opts.lock ?? 'none');
@@ -60,7 +64,7 @@ export class ImageFile implements HostFile {
   async read(buf: Buffer, pos: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
-      const { bytesRead } = await this.handle.read(buf, done, buf.length - done, pos + done);
+      const { bytesRead } = await this.handle.read(buf, done, buf.length - done, position(pos + done) as number);
       if (bytesRead === 0) {
         buf.fill(0, done);
         return;
@@ -79,14 +83,14 @@ export class ImageFile implements HostFile {
   async write(buf: Buffer, pos: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
-      const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, pos + done);
+      const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, position(pos + done) as number);
       done += bytesWritten;
     }
     if (pos + buf.length > this.size_) this.size_ = pos + buf.length;
   }
 
   async truncate(length: number): Promise<void> {
-    await this.handle.truncate(length);
+    await truncateFile(this.handle, length);
     this.size_ = length;
   }
 
@@ -111,6 +115,29 @@ export class ImageFile implements HostFile {
 
   async close(): Promise<void> {
     await this.handle.close();
+  }
+}
+
+/** The longest file qemu's block layer opens (BDRV_MAX_LENGTH). */
+const MAX_FILE_LENGTH = 9223372035781033984n;
+
+/** A file position for Node's read/write: numbers stop at 2^53, bigints do not. */
+function position(pos: number): number | bigint {
+  return pos > Number.MAX_SAFE_INTEGER ? BigInt(pos) : pos;
+}
+
+/**
+ * ftruncate that takes any length up to 2^63 - 1 (Node's own stops at 2^53): past 2^53
+ * through the C library. Failures are Node-style system errors (code EFBIG, EINVAL...).
+ */
+export async function truncateFile(handle: FileHandle, length: number | bigint): Promise<void> {
+  if (typeof length === 'number' && length <= Number.MAX_SAFE_INTEGER) return handle.truncate(length);
+  const big = BigInt(length);
+  const lib = native();
+  const r = lib ? lib.ftruncate(handle.fd, big) : -EFBIG;
+  if (r < 0) {
+    const code = -r === EFBIG ? 'EFBIG' : -r === EINVAL ? 'EINVAL' : `E${-r}`;
+    throw Object.assign(new Error(code === 'EFBIG' ? 'File too large' : code === 'EINVAL' ? 'Invalid argument' : `error ${-r}`), { code, errno: r });
   }
 }
 

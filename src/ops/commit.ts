@@ -32,6 +32,8 @@ export interface CommitOptions {
   /** -d: do not empty the image afterwards */
   drop?: boolean;
   parallel?: number;
+  /** -r: at most this many bytes of data per second (charged after each chunk, as qemu's block job) */
+  rateLimit?: number;
   onProgress?: (done: number, total: number) => void;
   /** --object secrets (for every layer) and --image-opts options (for the image; `backing.` ones go down the chain) */
   secrets?: OpenOptions['secrets'];
@@ -79,6 +81,8 @@ export async function commitImage(filename: string, opts: CommitOptions = {}): P
       parallel: opts.parallel ?? 8,
       targetGranularity: base.allocationUnit,
       onProgress: opts.onProgress,
+      rateLimit: opts.rateLimit,
+      rateCharge: 'after',
     });
     await zeroPastShorterLayers(top, base, depth);
     await base.flush();

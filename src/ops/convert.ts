@@ -51,7 +51,13 @@ export interface ConvertRequest {
   /** --bitmaps: copy the source's persistent bitmaps; --skip-broken-bitmaps: leave inconsistent ones */
   bitmaps?: boolean;
   skipBrokenBitmaps?: boolean;
-  /** warning lines (qemu-img's "warning: ...") */
+  /** --salvage: read errors become zeros, each failed sector reported through onWarning */
+  salvage?: boolean;
+  /** -r: at most this many bytes of data per second */
+  rateLimit?: number;
+  /** -C: copy offloading (copy_file_range between raw files; no zero detection in data) */
+  copyOffload?: boolean;
+  /** warning lines qemu-img prints while converting (--salvage, --skip-broken-bitmaps) */
   onWarning?: (message: string) => void;
 }
 
@@ -69,6 +75,8 @@ export async function convert(req: ConvertRequest): Promise<void> {
   if (req.targetIsZero && !req.noCreate) throw unnamed('--target-is-zero requires use of -n flag');
   if (req.targetIsZero && req.backingFile !== undefined) throw unnamed('Cannot use --target-is-zero when the destination image has a backing file');
   if (req.snapshot && req.sources.length > 1) throw unnamed('No support for concatenating multiple snapshot');
+  if (req.copyOffload && req.compress) throw unnamed('Cannot enable copy offloading when -c is used');
+  if (req.copyOffload && req.salvage) throw unnamed('Cannot use copy offloading in salvaging mode');
 
   const sources: BlockImage[] = [];
   const views: BlockImage[] = [];
@@ -168,6 +176,11 @@ export async function convert(req: ConvertRequest): Promise<void> {
       onProgress: req.onProgress,
       // only a new target (qemu-img's target_backing_sectors is unknown with -n)
       targetBackingSize: req.backingFile !== undefined && !req.noCreate ? target.backing?.virtualSize : undefined,
+      salvage: req.salvage,
+      onWarning: req.onWarning,
+      rateLimit: req.rateLimit,
+      rateCharge: 'before',
+      copyOffload: req.copyOffload,
     };
     if (req.compress && !target.writeCompressed) throw new QimgError(`Compression not supported for file format '${target.format}'`, { file: req.output });
     // Compressed units come from worker threads; a target that accepts -c without

@@ -8,7 +8,7 @@ import { creationRefusal, findDriver, type FormatDriver } from '../core/driver.j
 import { QimgError } from '../core/errors.js';
 import { openImage, resolveRelative } from '../core/open.js';
 import { parseOptions, type ParsedOptions } from '../core/options.js';
-import { parseImageSize, roundToSectors } from '../core/size.js';
+import { INT64_MAX, parseImageSize, roundToSectors } from '../core/size.js';
 import type { SecretStore } from '../core/secrets.js';
 
 export interface CreateRequest {
@@ -32,6 +32,30 @@ export interface PreparedCreate {
   /** the options part of the Formatting line */
   describe(): string;
   run(): Promise<void>;
+}
+
+/** BDRV_MAX_LENGTH: the largest image qemu's block layer takes. */
+const MAX_IMAGE_LENGTH = 9223372035781033984n;
+
+/**
+ * Formats whose drivers take sizes of 2^53 and more and answer them as qemu does (raw
+ * and qcow2 create such images; the others refuse them with their own limits). Any
+ * other format still stops at 2^53 with the generic message: qemu "creates" vmdk and
+ * qcow images of exabytes that it cannot open again.
+ */
+const HUGE_SIZE_FORMATS = new Set(['raw', 'qcow2', 'luks', 'vdi', 'vpc', 'vhdx', 'qed', 'parallels']);
+
+/** The refusal of a size of 2^53 or more before the driver runs, or undefined. */
+function hugeSizeRefusal(format: string, rounded: bigint): string | undefined {
+  if (rounded <= BigInt(Number.MAX_SAFE_INTEGER)) return undefined;
+  // qcow2 creation grows the new image by a block-layer resize, with its limits
+  if (format === 'qcow2' && rounded > INT64_MAX) return 'Could not resize image: Image size cannot be negative';
+  if (format === 'qcow2' && rounded > MAX_IMAGE_LENGTH) return `Could not resize image: offset(${rounded}) exceeds maximum(${MAX_IMAGE_LENGTH})`;
+  // raw gives the exact size (options' bigint) to ftruncate; the others refuse sizes past
+  // their limits whatever the last bits (a double is exact for whole sectors below 2^62)
+  if (HUGE_SIZE_FORMATS.has(format) && (format !== 'qcow2' || BigInt(Number(rounded)) === rounded)) return undefined;
+  const hint = format === 'qcow2' ? ' (try using a larger cluster size)' : '';
+  return `The image size is too large for file format '${format}'${hint}`;
 }
 
 export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate | 'help'> {
@@ -94,10 +118,8 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
     describe: () => driver.describeCreate(givenSize, options),
     run: async () => {
       // A driver-level refusal in qemu-img: it comes after the Formatting line.
-      if (rounded > BigInt(Number.MAX_SAFE_INTEGER)) {
-        const hint = driver.name === 'qcow2' ? ' (try using a larger cluster size)' : '';
-        throw new QimgError(`The image size is too large for file format '${driver.name}'${hint}`, { file });
-      }
+      const refusal = hugeSizeRefusal(driver.name, rounded);
+      if (refusal) throw new QimgError(refusal, { file });
       try {
         await driver.create!(file, Number(rounded), options.values, { secrets: req.secrets });
       } catch (err) {

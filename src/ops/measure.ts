@@ -13,23 +13,24 @@ import type { OptionValue } from '../core/options.js';
 import type { SecretStore } from '../core/secrets.js';
 
 export interface MeasureResult {
-  required: number;
-  fullyAllocated: number;
+  /** exact: sizes reach 2^63 (qemu prints them as unsigned, JSON as signed 64-bit) */
+  required: bigint;
+  fullyAllocated: bigint;
   /** present when the target and source both support persistent bitmaps */
-  bitmaps?: number;
+  bitmaps?: bigint;
 }
 
-const divUp = (a: number, b: number) => Math.ceil(a / b);
-const roundUp = (a: number, b: number) => divUp(a, b) * b;
+const divUp = (a: bigint, b: bigint) => (a + b - 1n) / b;
+const roundUp = (a: bigint, b: bigint) => divUp(a, b) * b;
 
 /** Clusters the refcount table and blocks take to cover `clusters` clusters and themselves. */
-export function refcountMetadataClusters(clusters: number, clusterSize: number, refcountBits: number): number {
-  const perTableCluster = clusterSize / 8;
-  const perBlock = (clusterSize * 8) / refcountBits;
-  let table = 0;
-  let blocks = 0;
-  let last = -1;
-  let n = 0;
+export function refcountMetadataClusters(clusters: bigint, clusterSize: bigint, refcountBits: bigint): bigint {
+  const perTableCluster = clusterSize / 8n;
+  const perBlock = (clusterSize * 8n) / refcountBits;
+  let table = 0n;
+  let blocks = 0n;
+  let last = -1n;
+  let n = 0n;
   while (n !== last) {
     last = n;
     blocks = divUp(clusters + table + blocks, perBlock);
@@ -40,29 +41,29 @@ export function refcountMetadataClusters(clusters: number, clusterSize: number, 
 }
 
 /** Size of a fully allocated qcow2 image of `virtualSize` (data and every table). */
-export function qcow2FullSize(virtualSize: number, clusterSize: number, refcountBits: number, extendedL2: boolean): number {
+export function qcow2FullSize(virtualSize: bigint, clusterSize: bigint, refcountBits: bigint, extendedL2: boolean): bigint {
   const aligned = roundUp(virtualSize, clusterSize);
-  const l2EntrySize = extendedL2 ? 16 : 8;
+  const l2EntrySize = extendedL2 ? 16n : 8n;
   let meta = clusterSize; // header
   const l2Entries = roundUp(aligned / clusterSize, clusterSize / l2EntrySize);
   meta += l2Entries * l2EntrySize;
-  const l1Entries = roundUp((l2Entries * l2EntrySize) / clusterSize, clusterSize / 8);
-  meta += l1Entries * 8;
+  const l1Entries = roundUp((l2Entries * l2EntrySize) / clusterSize, clusterSize / 8n);
+  meta += l1Entries * 8n;
   meta += refcountMetadataClusters((meta + aligned) / clusterSize, clusterSize, refcountBits) * clusterSize;
   return meta + aligned;
 }
 
 /** Bytes of data clusters the source really holds, counted in whole target clusters. */
-async function allocatedBytes(src: BlockImage, clusterSize: number): Promise<number> {
+async function allocatedBytes(src: BlockImage, clusterSize: number): Promise<bigint> {
   const size = src.virtualSize;
-  let required = 0;
+  let required = 0n;
   for (let offset = 0; offset < size; ) {
     const e = await extentAt(src, offset, size - offset);
     let n = e.length;
     if (!e.zero && e.data) {
       // Extend to the end of the cluster; the next query starts there.
-      n = roundUp(offset + n, clusterSize) - offset;
-      required += (offset % clusterSize) + n;
+      n = Math.ceil((offset + n) / clusterSize) * clusterSize - offset;
+      required += BigInt((offset % clusterSize) + n);
     }
     offset += n;
   }
@@ -104,6 +105,7 @@ const MAX_L1_BYTES = 32 * 1024 * 1024;
 export async function measure(opts: {
   format: string;
   optionStrings: string[];
+  /** --size as given (bigint: sizes reach 2^63 - 1) */
   size?: bigint;
   source?: BlockImage;
   /** --object secrets (luks: `-o key-secret=ID` must name one) */
@@ -116,40 +118,42 @@ export async function measure(opts: {
   const parsed = parseOptions(opts.optionStrings, driver.createOptions);
   if (parsed.help) return 'help';
   const src = opts.source;
+  const virtual = src ? BigInt(src.virtualSize) : (opts.size ?? 0n);
   if (driver.name === 'raw') {
-    const required = src ? src.virtualSize : Number(roundUp(Number(opts.size ?? 0n), 512));
+    const required = src ? virtual : roundUp(virtual, 512n);
     return { required, fullyAllocated: required };
   }
   // formats with their own measure (luks): errors without a file name, as qemu-img's
   if (driver.measure) {
     try {
-      return await driver.measure(src ? src.virtualSize : Number(opts.size ?? 0n), parsed.values, { secrets: opts.secrets });
+      return await driver.measure(virtual, parsed.values, { secrets: opts.secrets });
     } catch (err) {
       throw err instanceof QimgError && err.file === undefined ? new QimgError(err.message, { file: '', cause: err }) : err;
     }
   }
   if (driver.name !== 'qcow2') throw new QimgError(`Block driver '${driver.name}' does not support size measurement`, { file: '' });
-  const virtual = src ? src.virtualSize : Number(opts.size ?? 0n);
   const spec = qcow2MeasureSpec(parsed.values);
-  const aligned = roundUp(virtual, spec.clusterSize);
-  const l2Tables = divUp(aligned / spec.clusterSize, spec.clusterSize / (spec.extendedL2 ? 16 : 8));
-  if (l2Tables * 8 > MAX_L1_BYTES) throw new QimgError('The image size is too large (try using a larger cluster size)');
-  let required = src ? await allocatedBytes(src, spec.clusterSize) : 0;
+  const clusterSize = BigInt(spec.clusterSize);
+  const aligned = roundUp(virtual, clusterSize);
+  const l2Tables = divUp(aligned / clusterSize, clusterSize / (spec.extendedL2 ? 16n : 8n));
+  // (only for --size: qemu measures a source image whatever L1 table it would need)
+  if (!src && l2Tables * 8n > BigInt(MAX_L1_BYTES)) throw new QimgError('The image size is too large (try using a larger cluster size)');
+  let required = src ? await allocatedBytes(src, spec.clusterSize) : 0n;
   if (spec.preallocation === 'full' || spec.preallocation === 'falloc') required = aligned;
-  const fullyAllocated = qcow2FullSize(virtual, spec.clusterSize, spec.refcountBits, spec.extendedL2);
+  const fullyAllocated = qcow2FullSize(virtual, clusterSize, BigInt(spec.refcountBits), spec.extendedL2);
   const result: MeasureResult = { required: fullyAllocated - aligned + required, fullyAllocated };
   // Only when the source supports persistent bitmaps too: qcow2 v3, not v2 (qemu-img omits the line)
   const srcV2 = src?.format === 'qcow2' && (await src.info()).formatSpecific?.data.compat === '0.10';
   if (spec.version >= 3 && src?.persistentBitmaps && !srcV2) {
-    let bytes = 0;
-    let dir = 0;
+    let bytes = 0n;
+    let dir = 0n;
     for (const bm of await src.persistentBitmaps()) {
-      const bitmapBytes = divUp(divUp(src.virtualSize, bm.granularity), 8);
-      const clusters = divUp(bitmapBytes, spec.clusterSize);
-      bytes += clusters * spec.clusterSize + roundUp(clusters * 8, spec.clusterSize);
-      dir += roundUp(24 + Buffer.byteLength(bm.name), 8);
+      const bitmapBytes = divUp(divUp(virtual, BigInt(bm.granularity)), 8n);
+      const clusters = divUp(bitmapBytes, clusterSize);
+      bytes += clusters * clusterSize + roundUp(clusters * 8n, clusterSize);
+      dir += roundUp(24n + BigInt(Buffer.byteLength(bm.name)), 8n);
     }
-    result.bitmaps = bytes + roundUp(dir, spec.clusterSize);
+    result.bitmaps = bytes + roundUp(dir, clusterSize);
   }
   return result;
 }

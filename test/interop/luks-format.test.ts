@@ -353,7 +353,7 @@ describe.skipIf(!enabled)('measure, convert, compare, resize', () => {
       expect(theirs[i].status, theirs[i].stderr).toBe(0);
       const r = await measure({ format: 'luks', optionStrings: [opts], size: BigInt(size), secrets: SECRETS });
       if (r === 'help') throw new Error('help');
-      expect({ required: r.required, 'fully-allocated': r.fullyAllocated }).toEqual(JSON.parse(theirs[i].stdout));
+      expect({ required: Number(r.required), 'fully-allocated': Number(r.fullyAllocated) }).toEqual(JSON.parse(theirs[i].stdout));
     }
     for (const opts of ['cipher-alg=aes-128', 'key-secret=nope', 'key-secret=s0,cipher-alg=3des', 'key-secret=s0,cipher-alg=foo']) {
       const q = run('qemu-img', ['measure', ...objArgs(), '-O', 'luks', '-o', opts, '--size', '1M'], { cwd: d });

@@ -1,10 +1,10 @@
-/** `qimg amend [--object OBJDEF] [--image-opts] [-f fmt] [-p] [-q] -o options FILE` */
+/** `qimg amend [--object OBJDEF] [--image-opts] [-f fmt] [-p] [-q] [-t cache] -o options FILE` */
 import type { Command } from 'commander';
 import { findDriver } from '../../core/driver.js';
 import { formatAmendHelp, hasHelpOption } from '../../core/options.js';
 import { openImage } from '../../core/open.js';
 import { amendImage } from '../../ops/amend.js';
-import { addImageOptsOption, addObjectOption, collect, withObjects, writeOut } from './common.js';
+import { addImageOptsOption, addObjectOption, checkCacheMode, collect, withObjects, writeOut } from './common.js';
 import { resolveImage } from './image-opts.js';
 
 export function registerAmend(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
@@ -15,6 +15,7 @@ export function registerAmend(program: Command, run: (file: string | undefined, 
     .option('-o, --options <options>', 'options to change (-o help lists them)', collect, [] as string[])
     .option('-p, --progress', 'show progress')
     .option('-q, --quiet', 'quiet mode')
+    .option('-t, --cache <mode>', 'cache mode: none, writeback, writethrough, directsync, unsafe (accepted, checked)')
     .option('--force', 'let key slot changes overwrite an active slot or erase the last one (LUKS)');
   addObjectOption(cmd);
   addImageOptsOption(cmd)
@@ -25,6 +26,8 @@ export function registerAmend(program: Command, run: (file: string | undefined, 
           // with -f, `-o help` lists the format's amend options without opening anything (as qemu-img)
           const named = opts.format !== undefined && !opts.imageOpts ? findDriver(opts.format) : undefined;
           if (named && opts.options.some(hasHelpOption)) return void (await writeOut(formatAmendHelp(named.name, named.amendOptions ?? named.createOptions)));
+          // (without -o, qemu-img's "Must specify options (-o)" comes first)
+          if (opts.options.length > 0) checkCacheMode(opts.cache, 'cache');
           const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, writable: true, opensBacking: true, secrets });
           const progress = opts.progress && !opts.quiet;
           if (progress) await writeOut('    (0.00/100%)\r');
@@ -46,6 +49,7 @@ interface AmendCliOptions {
   progress?: boolean;
   quiet?: boolean;
   force?: boolean;
+  cache?: string;
   object: string[];
   imageOpts?: boolean;
 }

@@ -2,11 +2,11 @@
 import type { Command } from 'commander';
 import { QimgError } from '../../core/errors.js';
 import { checkExitCode, checkImage, FIX_ERRORS, FIX_LEAKS, type ImageCheck } from '../../ops/check.js';
-import { UsageError } from '../errors.js';
+import { UsageError, escapeLines } from '../errors.js';
 import { prettyJson } from '../output/json.js';
 import { checkFinding, checkSummary } from '../output/style.js';
 import type { ImageOptions, SecretStore } from '../../core/secrets.js';
-import { addImageOptsOption, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
+import { addImageOptsOption, checkCacheMode, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
 import { resolveImage } from './image-opts.js';
 
 interface CheckCliOptions {
@@ -42,7 +42,7 @@ export function registerCheck(program: Command, run: (file: string | undefined, 
     .option('-r, --repair <mode>', "repair: 'leaks' (leaked clusters only) or 'all'")
     .option('-q, --quiet', 'quiet mode')
     .option('-U, --force-share', 'open even if the image is in use (read-only)')
-    .option('-T, --cache <mode>', 'cache mode for the image (accepted, ignored)');
+    .option('-T, --cache <mode>', 'cache mode for the image: none, writeback, writethrough, directsync, unsafe (accepted, checked)');
   addObjectOption(cmd);
   addImageOptsOption(cmd)
     .argument('<filename>')
@@ -55,6 +55,7 @@ export function registerCheck(program: Command, run: (file: string | undefined, 
           else if (opts.repair === 'all') fix = FIX_LEAKS | FIX_ERRORS;
           else throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${opts.repair}`);
         }
+        checkCacheMode(opts.cache, 'source cache');
         if (fix && opts.forceShare) {
           throw new QimgError(`Could not open '${filename}': force-share=on can only be used with read-only images`);
         }
@@ -82,7 +83,7 @@ async function checkCommand(filename: string, o: CheckRun): Promise<number> {
     pending = '';
   };
   const log = (line: string) => {
-    pending += checkFinding(line) + '\n';
+    pending += checkFinding(escapeLines(line)) + '\n';
     if (pending.length >= 65536) flushLog();
   };
   const out = (text: string) => {

@@ -3,7 +3,7 @@ import { writeSync } from 'node:fs';
 import type { Command } from 'commander';
 import { SecretStore } from '../../core/secrets.js';
 import { programName } from '../../core/program-name.js';
-import { UsageError, printError } from '../errors.js';
+import { UsageError, escapeLines, printError } from '../errors.js';
 import { ObjectError, addObjects, objectHelp } from '../object-options.js';
 
 export type OutputFormat = 'human' | 'json';
@@ -20,6 +20,18 @@ export function writeOut(text: string): Promise<void> {
     if (text.length === 0) return resolve();
     process.stdout.write(text, (err) => (err ? reject(err) : resolve()));
   });
+}
+
+/** qemu's cache mode names (-t, -T). */
+export const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+
+/**
+ * qemu-img's -t/-T check: one of the cache mode names, else its message (`what`: "cache"
+ * for -t, "source cache" for -T). qimg accepts every mode; reads and writes go through
+ * the page cache whatever it is, and modes other than unsafe flush where qemu-img does.
+ */
+export function checkCacheMode(mode: string | undefined, what: 'cache' | 'source cache'): void {
+  if (mode !== undefined && !CACHE_MODES.includes(mode)) throw new UsageError(`Invalid ${what} option: ${mode}`);
 }
 
 /** commander accumulator for repeatable options such as -o. */
@@ -83,6 +95,6 @@ export async function withObjects(
 /** qemu's message as it prints it: the first line with the program name, a hint line as is. */
 export function reportObjectError(err: ObjectError, exitCode = err.exitCode): number {
   const [first, ...more] = err.message.split('\n');
-  printError([`${programName()}: ${first}`, ...more].join('\n'));
+  printError(escapeLines([`${programName()}: ${first}`, ...more].join('\n')));
   return exitCode;
 }

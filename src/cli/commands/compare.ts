@@ -2,10 +2,10 @@
 import type { Command } from 'commander';
 import type { BlockImage } from '../../core/block-image.js';
 import { compareImages } from '../../ops/compare.js';
-import { formatError, printError } from '../errors.js';
+import { formatError, printError, writeErrorLines } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
 import { ObjectError } from '../object-options.js';
-import { addImageOptsOption, addObjectOption, reportObjectError, withObjects, writeOut } from './common.js';
+import { CACHE_MODES, addImageOptsOption, addObjectOption, reportObjectError, withObjects, writeOut } from './common.js';
 import { openResolved, resolveImage } from './image-opts.js';
 import { programName } from '../../core/program-name.js';
 
@@ -16,6 +16,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
     .option('-f, --a-format <fmt>', 'format of the first image')
     .option('-F, --b-format <fmt>', 'format of the second image')
     .option('-s, --strict', 'strict mode: allocation and image size must match too')
+    .option('-T, --cache <mode>', 'source cache mode: none, writeback, writethrough, directsync, unsafe (accepted, checked)')
     .option('-p, --progress', 'show progress')
     .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
@@ -26,6 +27,10 @@ export function registerCompare(program: Command, run: (file: string | undefined
     .argument('<filename2>')
     .action((f1: string, f2: string, opts: CompareCliOptions) =>
       run(undefined, () => withObjects(opts.object, async (secrets) => {
+        if (opts.cache !== undefined && !CACHE_MODES.includes(opts.cache)) {
+          writeErrorLines(`${programName()}: Invalid source cache option: ${opts.cache}`);
+          return 2;
+        }
         const images: BlockImage[] = [];
         try {
           for (const [name, format] of [
@@ -49,7 +54,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
           // lines, with a bare newline, and does not jump to 100% when images differ.
           const plain = mode === 'auto' && !process.stderr.isTTY;
           if (!plain) progress.finish();
-          if (result.error) printError(`${programName()}: ${result.error}`);
+          if (result.error) writeErrorLines(`${programName()}: ${result.error}`);
           if (!opts.quiet) await writeOut(result.lines.map((l) => l + '\n').join(''));
           if (plain) {
             if (result.code === 0) progress.finish();
@@ -65,6 +70,7 @@ export function registerCompare(program: Command, run: (file: string | undefined
 
 interface CompareCliOptions {
   aFormat?: string;
+  cache?: string;
   bFormat?: string;
   strict?: boolean;
   progress?: boolean;

@@ -1,7 +1,8 @@
 /**
  * `qimg convert [--object OBJDEF] [--image-opts] [--target-image-opts] [-f fmt] [-O fmt]
  * [-o options] [-B|-b backing [-F fmt]] [-c] [-p] [-q] [-n] [-S size] [-m N] [-W]
- * [--target-is-zero] [-U] [-l snapshot] [-t cache] SRC... DST`
+ * [--target-is-zero] [-U] [-l snapshot] [-t cache] [-T src_cache] [-r rate] [-C]
+ * [--salvage] SRC... DST`
  */
 import type { Command } from 'commander';
 import { QimgError } from '../../core/errors.js';
@@ -9,15 +10,14 @@ import { cvtnum } from '../../core/size.js';
 import { convert } from '../../ops/convert.js';
 import { parseSnapshotParam } from '../../ops/snapshot-param.js';
 import { creationRefusal, findDriver } from '../../core/driver.js';
-import { formatOptionHelp, parseOptions } from '../../core/options.js';
+import { formatOptionHelp, hasHelpOption, isValidOptionList, parseOptions } from '../../core/options.js';
 import { UsageError, warn } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
-import { addImageOptsOption, addObjectOption, collect, withObjects, writeOut } from './common.js';
+import { addImageOptsOption, addObjectOption, checkCacheMode, collect, withObjects, writeOut } from './common.js';
 import { resolveImage, type ImageSpec } from './image-opts.js';
 
 const MAX_SPARSE = 16 * 1024 * 1024;
 const MAX_COROUTINES = 16;
-const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 
 /** Runs a parse step whose failures are command-line errors (no file name prefix). */
 function usage<T>(fn: () => T): T {
@@ -55,6 +55,9 @@ interface ConvertFlags {
   object: string[];
   imageOpts?: boolean;
   targetImageOpts?: boolean;
+  rateLimit?: string;
+  copyRangeOffloading?: boolean;
+  salvage?: boolean;
 }
 
 export function registerConvert(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
@@ -75,7 +78,10 @@ export function registerConvert(program: Command, run: (file: string | undefined
     .option('-W, --oob-writes', 'write out of order')
     .option('-l, --snapshot <snapshot>', 'convert an internal snapshot of the source')
     .option('-t, --target-cache <mode>', 'output cache mode (unsafe: no flush; others: flushed at the end)')
-    .option('-T, --source-cache <mode>', 'source cache mode (accepted for compatibility)')
+    .option('-T, --source-cache <mode>', 'source cache mode: none, writeback, writethrough, directsync, unsafe (accepted; reads go through the page cache)')
+    .option('-r, --rate-limit <rate>', 'copy at most RATE bytes of data per second (size suffixes allowed; 0 = no limit)')
+    .option('-C, --copy-range-offloading', 'copy data ranges inside the kernel (copy_file_range) where both images are raw files')
+    .option('--salvage', 'read errors become zeros in the output (with a warning per sector) instead of failing')
     .option('-p, --progress', 'show progress')
     .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
@@ -88,12 +94,36 @@ export function registerConvert(program: Command, run: (file: string | undefined
     .argument('[files...]', 'source image(s) followed by the output file')
     .action((files: string[], opts: ConvertFlags, command: Command) =>
       run(opts.targetImageOpts ? undefined : files[files.length - 1], () => withObjects(opts.object, async (secrets) => {
-        // qemu-img checks these combinations first, before looking at -O, -o or the files
+        // qemu-img checks these values while it reads the options, before anything else
+        // cvtnum first (its own messages), then: a multiple of 512 up to 16 MiB
+        const sparse = usage(() => cvtnum('buffer size for sparse output', opts.sparseSize, warn));
+        if (sparse % 512n !== 0n || sparse > BigInt(MAX_SPARSE)) {
+          throw new UsageError(
+            'Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).',
+          );
+        }
+        const parallel = Number(opts.parallel);
+        if (!Number.isInteger(parallel) || parallel < 1 || parallel > MAX_COROUTINES) {
+          throw new UsageError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`);
+        }
+        const rateLimit = opts.rateLimit !== undefined ? Number(usage(() => cvtnum('rate limit', opts.rateLimit!, warn))) : undefined;
+        // then the combinations copy offloading cannot do
+        if (opts.copyRangeOffloading) {
+          if (opts.compress) throw new UsageError('Cannot enable copy offloading when -c is used');
+          if (command.getOptionValueSource('sparseSize') === 'cli') throw new UsageError('Cannot enable copy offloading when -S is used');
+          if (opts.salvage) throw new UsageError('Cannot use copy offloading in salvaging mode');
+        }
+        // qemu-img checks these combinations next, before looking at -O, -o or the files
         const create = opts.create !== false;
         if (opts.targetImageOpts && create) throw new UsageError('--target-image-opts requires use of -n flag');
         if (!create && opts.targetFormatOptions.length > 0) throw new UsageError('-o has no effect when skipping image creation');
         if (opts.targetIsZero && create) throw new UsageError('--target-is-zero requires use of -n flag');
         if (opts.skipBrokenBitmaps && !opts.bitmaps) throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
+        // without -o help: the file names, then the source cache mode, before the format
+        if (opts.targetFormatOptions.every((o) => isValidOptionList(o) && !hasHelpOption(o))) {
+          if (files.length < 2) throw new UsageError('Must specify image file name');
+          checkCacheMode(opts.sourceCache, 'source cache');
+        }
         const driver = findDriver(opts.targetFormat);
         if (!driver) throw new UsageError(`Unknown file format '${opts.targetFormat}'`);
         // qemu-img reports option and -S errors without a file name prefix
@@ -112,20 +142,8 @@ export function registerConvert(program: Command, run: (file: string | undefined
           throw new UsageError(`Backing file not supported for file format '${driver.name}'`);
         }
         if (opts.compress && !opts.targetImageOpts && !driver.supportsCompression) throw new UsageError('Compression not supported for this file format');
-        const parallel = Number(opts.parallel);
-        if (!Number.isInteger(parallel) || parallel < 1 || parallel > MAX_COROUTINES) {
-          throw new UsageError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`);
-        }
-        for (const mode of [opts.targetCache, opts.sourceCache]) {
-          if (mode !== undefined && !CACHE_MODES.includes(mode)) throw new UsageError(`Invalid cache option: ${mode}`);
-        }
-        // cvtnum first (its own messages), then: a multiple of 512 up to 16 MiB
-        const sparse = usage(() => cvtnum('buffer size for sparse output', opts.sparseSize, warn));
-        if (sparse % 512n !== 0n || sparse > BigInt(MAX_SPARSE)) {
-          throw new UsageError(
-            'Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).',
-          );
-        }
+        checkCacheMode(opts.sourceCache, 'source cache');
+        checkCacheMode(opts.targetCache, 'cache');
         const snapshot = opts.snapshot !== undefined ? usage(() => parseSnapshotParam(opts.snapshot!)) : undefined;
         const sources: ImageSpec[] = [];
         for (const f of files.slice(0, -1)) {
@@ -166,6 +184,9 @@ export function registerConvert(program: Command, run: (file: string | undefined
           onProgress: (d, t) => progress.update(d, t),
           bitmaps: opts.bitmaps,
           skipBrokenBitmaps: opts.skipBrokenBitmaps,
+          salvage: opts.salvage,
+          rateLimit,
+          copyOffload: opts.copyRangeOffloading,
           onWarning: warn,
         });
         progress.finish();

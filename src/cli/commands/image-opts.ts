@@ -24,7 +24,7 @@ import { QimgError } from '../../core/errors.js';
 import type { BlockImage } from '../../core/block-image.js';
 import { openImage, type OpenOptions } from '../../core/open.js';
 import type { ImageOptions, SecretStore } from '../../core/secrets.js';
-import { UsageError, warn } from '../errors.js';
+import { UsageError, escapeControl, warn } from '../errors.js';
 import { ObjectError } from '../object-options.js';
 import { qdictOrder, quoteJson } from '../output/json.js';
 
@@ -130,7 +130,7 @@ function optValue(s: string, start: number): [string, number] {
 function printWarning(lines: string): void {
   const [first, ...more] = lines.split('\n');
   warn(first);
-  for (const l of more) process.stderr.write(l + '\n');
+  for (const l of more) process.stderr.write(escapeControl(l) + '\n');
 }
 
 const BOOL_VALUES = ['on', 'yes', 'true', 'y', 'off', 'no', 'false', 'n'];

@@ -1,8 +1,8 @@
 /** `qimg map [--object OBJDEF] [--image-opts] [-f fmt] [--output=human|json] [--start-offset N] [--max-length N] [-U] FILE` */
 import type { Command } from 'commander';
 import { QimgError } from '../../core/errors.js';
-import { parseOffsetArg } from '../../core/size.js';
-import { mapImage } from '../../ops/map.js';
+import { cvtnum } from '../../core/size.js';
+import { mapImageExact } from '../../ops/map.js';
 import { mapEntryJson } from '../output/json.js';
 import { MAP_HUMAN_HEADER, mapHumanRow } from '../output/human.js';
 import { addImageOptsOption, addObjectOption, parseOutputFormat, withObjects, writeOut } from './common.js';
@@ -24,37 +24,38 @@ export function registerMap(program: Command, run: (file: string | undefined, fn
     .action((filename: string, opts: { format?: string; output?: string; startOffset?: string; maxLength?: string; forceShare?: boolean; object: string[]; imageOpts?: boolean }) =>
       run(opts.imageOpts ? undefined : filename, () => withObjects(opts.object, async (secrets) => {
         const output = parseOutputFormat(opts.output);
-        const offsetArg = (text: string, what: string): number => {
+        // exact (bigint): images and these arguments reach past 2^53
+        const offsetArg = (text: string, what: string): bigint => {
           try {
-            return parseOffsetArg(text, what, warn);
+            return cvtnum(what, text, warn);
           } catch (err) {
             throw err instanceof QimgError ? new UsageError(err.message) : err;
           }
         };
-        const start = opts.startOffset !== undefined ? offsetArg(opts.startOffset, 'start offset') : 0;
+        const start = opts.startOffset !== undefined ? offsetArg(opts.startOffset, 'start offset') : 0n;
         const maxLength = opts.maxLength !== undefined ? offsetArg(opts.maxLength, 'max length') : undefined;
         const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, forceShare: opts.forceShare, opensBacking: true, secrets });
         const img = await openResolved(spec, { secrets });
         try {
           if (output === 'json') {
             const parts: string[] = [];
-            for await (const e of mapImage(img, start, maxLength)) parts.push(mapEntryJson(e));
+            for await (const e of mapImageExact(img, start, maxLength)) parts.push(mapEntryJson(e));
             // qemu-img always prints its last (here: initial, empty) entry
             if (parts.length === 0) {
               parts.push(
-                mapEntryJson({ offset: start, length: 0, kind: 'unallocated', depth: 0, present: false, zero: false, data: false, compressed: false }),
+                mapEntryJson({ offset: start, length: 0, depth: 0, present: false, zero: false, data: false, compressed: false }),
               );
             }
             await writeOut(`[${parts.join(',\n')}]\n`);
             return;
           }
           let out = MAP_HUMAN_HEADER;
-          for await (const e of mapImage(img, start, maxLength)) {
+          for await (const e of mapImageExact(img, start, maxLength)) {
             if (e.data && e.hostOffset === undefined) {
               await writeOut(out);
               throw new QimgError('File contains external, encrypted or compressed clusters.');
             }
-            if (e.data && !e.zero) out += mapHumanRow(e.offset, e.length, e.hostOffset ?? 0, e.file ?? '');
+            if (e.data && !e.zero) out += mapHumanRow(e.offset, e.length, e.hostOffset ?? 0n, e.file ?? '');
             if (out.length > 65536) {
               await writeOut(out);
               out = '';

@@ -62,15 +62,18 @@ export function registerMeasure(program: Command, run: (file: string | undefined
             await writeOut(formatOptionHelp(d.name, d.createOptions));
             return;
           }
+          // qemu's uint64 fields: JSON prints them as signed 64-bit, the human text as
+          // unsigned (a raw 2^63 is -9223372036854775808 in JSON, as qemu-img 7.2)
           if (output === 'json') {
-            const o: Record<string, number> = {};
-            if (r.bitmaps !== undefined) o.bitmaps = r.bitmaps;
-            o.required = r.required;
-            o['fully-allocated'] = r.fullyAllocated;
+            const o: Record<string, bigint> = {};
+            if (r.bitmaps !== undefined) o.bitmaps = BigInt.asIntN(64, r.bitmaps);
+            o.required = BigInt.asIntN(64, r.required);
+            o['fully-allocated'] = BigInt.asIntN(64, r.fullyAllocated);
             await writeOut(prettyJson(o) + '\n');
           } else {
-            let text = `required size: ${r.required}\nfully allocated size: ${r.fullyAllocated}\n`;
-            if (r.bitmaps !== undefined) text += `bitmaps size: ${r.bitmaps}\n`;
+            const u = (v: bigint) => BigInt.asUintN(64, v);
+            let text = `required size: ${u(r.required)}\nfully allocated size: ${u(r.fullyAllocated)}\n`;
+            if (r.bitmaps !== undefined) text += `bitmaps size: ${u(r.bitmaps)}\n`;
             await writeOut(text);
           }
         } finally {

@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { rebaseImage } from '../../ops/rebase.js';
 import { UsageError } from '../errors.js';
 import { createProgress, progressMode } from '../output/progress.js';
-import { addImageOptsOption, addObjectOption, withObjects } from './common.js';
+import { addImageOptsOption, addObjectOption, checkCacheMode, withObjects } from './common.js';
 import { resolveImage } from './image-opts.js';
 
 export function registerRebase(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
@@ -16,8 +16,8 @@ export function registerRebase(program: Command, run: (file: string | undefined,
     .option('-B <fmt>', 'format of the new backing file (qemu-img 10 spelling)')
     .option('-u, --backing-unsafe', 'only rewrite the backing file name (no data is copied)')
     .option('-c, --compress', 'store copied clusters compressed')
-    .option('-t, --cache <mode>', 'cache mode (accepted for compatibility)')
-    .option('-T, --backing-cache <mode>', 'backing cache mode (accepted for compatibility)')
+    .option('-t, --cache <mode>', 'cache mode: none, writeback, writethrough, directsync, unsafe (accepted, checked)')
+    .option('-T, --backing-cache <mode>', 'source (backing) cache mode, the same names (accepted, checked)')
     .option('-p, --progress', 'show progress')
     .option('--progress-json', 'progress as JSON lines')
     .option('-q, --quiet', 'quiet mode')
@@ -29,6 +29,8 @@ export function registerRebase(program: Command, run: (file: string | undefined,
       run(opts.imageOpts ? undefined : filename, () =>
         withObjects(opts.object, async (secrets) => {
           if (opts.backing === undefined) throw new UsageError('Must specify backing file (-b)');
+          checkCacheMode(opts.cache, 'cache');
+          checkCacheMode(opts.backingCache, 'source cache');
           // -u opens no backing file: `backing.` options are refused then, as qemu-img does
           const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, writable: true, opensBacking: !opts.backingUnsafe, secrets });
           const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
@@ -50,6 +52,8 @@ export function registerRebase(program: Command, run: (file: string | undefined,
 
 interface RebaseCliOptions {
   format?: string;
+  cache?: string;
+  backingCache?: string;
   backing?: string;
   backingFormat?: string;
   B?: string;

@@ -4,11 +4,12 @@
  */
 import type { ImageInfo, SnapshotInfo } from '../../core/block-image.js';
 import { sizeToStr } from '../../core/size.js';
+import { intString } from '../../core/units.js';
 import { qdictOrder } from './json.js';
 import { ovaDisksTable } from './tables.js';
 
 const pad = (n: number) => ' '.repeat(n);
-const hex = (n: number) => (n === 0 ? '0' : `0x${n.toString(16)}`);
+const hex = (n: number | bigint) => (n === 0 || n === 0n ? '0' : `0x${n.toString(16)}`);
 
 export interface HumanView {
   /** draw qimg-only parts as tables (stdout is a terminal); qemu-img's lines stay as they are */
@@ -19,7 +20,7 @@ export function infoHuman(info: ImageInfo, view: HumanView = {}): string {
   const lines: string[] = [];
   lines.push(`image: ${info.filename}`);
   lines.push(`file format: ${info.format}`);
-  lines.push(`virtual size: ${sizeToStr(info.virtualSize)} (${info.virtualSize} bytes)`);
+  lines.push(`virtual size: ${sizeToStr(info.virtualSize)} (${intString(info.virtualSize)} bytes)`);
   lines.push(info.actualSize !== undefined ? `disk size: ${sizeToStr(info.actualSize)}` : 'disk size: unavailable');
   if (info.encrypted) lines.push('encrypted: yes');
   if (info.clusterSize !== undefined) lines.push(`cluster_size: ${info.clusterSize}`);
@@ -93,6 +94,6 @@ export function snapshotTable(snaps: SnapshotInfo[]): string {
 
 export const MAP_HUMAN_HEADER = `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`;
 
-export function mapHumanRow(start: number, length: number, mapped: number, file: string): string {
+export function mapHumanRow(start: number | bigint, length: number | bigint, mapped: number | bigint, file: string): string {
   return `${hex(start).padEnd(16)}${hex(length).padEnd(16)}${hex(mapped).padEnd(16)}${file}\n`;
 }

@@ -3,6 +3,7 @@
  * own member order (QDict hash order), which scripts that diff output rely on.
  */
 import type { Extent, ImageInfo, SnapshotInfo } from '../../core/block-image.js';
+import { intString } from '../../core/units.js';
 
 /**
  * A JSON string as qemu's JSON writer quotes it (quoted_str): the usual escapes for
@@ -65,6 +66,8 @@ export function prettyJson(value: unknown, indent = 0): string {
     return `{\n${entries.map(([k, v]) => `${inner}${quoteJson(k)}: ${prettyJson(v, indent + 1)}`).join(',\n')}\n${pad}}`;
   }
   if (typeof value === 'string') return quoteJson(value);
+  if (typeof value === 'number' && Number.isInteger(value)) return intString(value);
+  if (typeof value === 'bigint') return value.toString();
   return JSON.stringify(value);
 }
 
@@ -125,8 +128,10 @@ export function infoJson(info: ImageInfo): Record<string, unknown> {
 }
 
 /** One map range as qemu-img's JSON line (hand-printed by qemu, not pretty). */
-export function mapEntryJson(e: Extent): string {
-  let s = `{ "start": ${e.offset}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}, "compressed": ${e.compressed}`;
-  if (e.hostOffset !== undefined) s += `, "offset": ${e.hostOffset}`;
+export function mapEntryJson(
+  e: Pick<Extent, 'depth' | 'present' | 'zero' | 'data' | 'compressed'> & { offset: number | bigint; length: number | bigint; hostOffset?: number | bigint },
+): string {
+  let s = `{ "start": ${intString(e.offset)}, "length": ${intString(e.length)}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}, "compressed": ${e.compressed}`;
+  if (e.hostOffset !== undefined) s += `, "offset": ${intString(e.hostOffset)}`;
   return s + '}';
 }

@@ -12,7 +12,8 @@ import type { OptionValue } from '../../core/options.js';
 import { createLuks1 } from '../../crypto/luks1.js';
 import { defaultCalibrator, type PbkdfCalibrator } from '../../crypto/pbkdf.js';
 import { allocateFile } from '../../io/allocate.js';
-import { writeNewFile } from '../../io/new-file.js';
+import { checkNewFileLength, writeNewFile } from '../../io/new-file.js';
+import { truncateFile } from '../../io/file.js';
 import { asQimg } from './options.js';
 import { requireSecret } from '../../core/secrets.js';
 import { checkSpecAlgorithms, ivgenCipherOf, parseLuksSpec, unavailableCipher, type LuksSpec } from './spec.js';
@@ -74,6 +75,11 @@ export async function createLuksImage(
     if (missing) throw new QimgError(missing);
     // an iter-time beyond 2^53 can only overflow; the helpers need a safe integer
     const iterTime = spec.iterTime > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(spec.iterTime);
+    // an existing file stays as it is when the file system refuses the length
+    await checkNewFileLength(path, BigInt(spec.payloadOffset) + BigInt(size)).catch((err: unknown) => {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw code === 'EFBIG' || code === 'EINVAL' ? new QimgError('The requested file size is too large') : err;
+    });
     await writeNewFile(
       path,
       async (handle) => {
@@ -100,7 +106,14 @@ export async function createLuksImage(
 }
 
 async function reserve(handle: FileHandle, length: number, prealloc: 'off' | 'falloc' | 'full'): Promise<void> {
-  await handle.truncate(length);
+  try {
+    await truncateFile(handle, length);
+  } catch (err) {
+    // a length the file system (EFBIG) or off_t (EINVAL) cannot take, as qemu words it
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EFBIG' || code === 'EINVAL') throw new QimgError('The requested file size is too large');
+    throw err;
+  }
   if (prealloc === 'falloc') await allocateFile(handle.fd, length);
   if (prealloc === 'full') {
     const zeros = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
@@ -122,9 +135,9 @@ function handleWriter(handle: FileHandle): (offset: number, buf: Buffer) => Prom
  * the header in memory; only its layout matters, so no PBKDF runs here). The key secret
  * must still be given and exist, as in QEMU.
  */
-export async function measureLuks(virtualSize: number, options: Map<string, OptionValue>, ctx?: CreateContext): Promise<{ required: number; fullyAllocated: number }> {
+export async function measureLuks(virtualSize: bigint, options: Map<string, OptionValue>, ctx?: CreateContext): Promise<{ required: bigint; fullyAllocated: bigint }> {
   const { spec, passphrase } = prepare(options, ctx);
   passphrase.fill(0);
-  const required = spec.payloadOffset + virtualSize;
+  const required = BigInt(spec.payloadOffset) + virtualSize;
   return { required, fullyAllocated: required };
 }

@@ -24,7 +24,7 @@ import { readSnapshotTable, type Qcow2Snapshot } from './snapshot.js';
 import { TableCache } from './table-cache.js';
 import { L1_WHOLE_MAX_BYTES, PagedL1, zeroEntriesFrom } from './l1-pages.js';
 import type { CacheBudget } from '../../core/cache-budget.js';
-import { writeU64 } from '../../core/units.js';
+import { writeSizeU64, writeU64 } from '../../core/units.js';
 import { cloneHeader, serializeHeader } from './header-serialize.js';
 import { readBitmapDirectory, bitmapInfoForQemu } from './bitmaps.js';
 import { Qcow2BitmapSet } from './bitmap-store.js';
@@ -400,6 +400,7 @@ export class Qcow2Image implements BlockImage {
       return;
     }
     if (size === old) return;
+    if (needed * 8 > C.MAX_L1_BYTES) throw new QimgError('Failed to grow the L1 table: File too large', { file: this.filename });
     await this.lock.run(async () => {
       await this.beginModification();
       await bitmaps?.prepareResize();
@@ -593,7 +594,8 @@ export class Qcow2Image implements BlockImage {
    */
   async growL1(entries: number): Promise<void> {
     if (entries <= this.header.l1Size) return;
-    if (entries * 8 > C.MAX_L1_BYTES) throw new QimgError('Active L1 table too large', { file: this.filename });
+    // qemu-img's words when a resize needs more than QCOW_MAX_L1_SIZE (EFBIG)
+    if (entries * 8 > C.MAX_L1_BYTES) throw new QimgError('Failed to grow the L1 table: File too large', { file: this.filename });
     await this.flushMetadata(true);
     const cs = this.geometry.clusterSize;
     const next = Buffer.alloc(entries * 8);
@@ -620,7 +622,7 @@ export class Qcow2Image implements BlockImage {
   /** Writes the virtual size into the header. */
   async setVirtualSize(size: number): Promise<void> {
     const b = Buffer.alloc(8);
-    writeU64(b, 0, size);
+    writeSizeU64(b, 0, size);
     await this.writeHeaderBytes(24, b);
     this.header.size = size;
   }

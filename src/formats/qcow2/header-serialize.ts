@@ -5,7 +5,7 @@
  * file name. Everything parsed and not changed round-trips.
  */
 import { QimgError } from '../../core/errors.js';
-import { writeU64 } from '../../core/units.js';
+import { writeSizeU64, writeU64 } from '../../core/units.js';
 import * as C from './constants.js';
 import type { Qcow2Header } from './header.js';
 
@@ -41,7 +41,7 @@ export function serializeHeader(h: Qcow2Header): Buffer {
   fixed.writeUInt32BE(h.version, 4);
   // 8..19: backing file offset/size, filled in below
   fixed.writeUInt32BE(h.clusterBits, 20);
-  writeU64(fixed, 24, h.size);
+  writeSizeU64(fixed, 24, h.size);
   fixed.writeUInt32BE(h.cryptMethod, 32);
   fixed.writeUInt32BE(h.l1Size, 36);
   writeU64(fixed, 40, h.l1TableOffset);

@@ -4,7 +4,7 @@
  * extensions are kept so that a later writer can round-trip them.
  */
 import { CorruptImageError, UnsupportedError } from '../../core/errors.js';
-import { readU64, u64ToNumber } from '../../core/units.js';
+import { readU64 } from '../../core/units.js';
 import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 
@@ -177,7 +177,9 @@ export async function readHeader(file: HostFile): Promise<Qcow2Header> {
   // QEMU counts the disk in 512-byte sectors (total_sectors = size / 512): a size that
   // is not a multiple of 512 (QEMU never writes one) is rounded down, or info, map and
   // convert disagree with qemu-img by up to 511 bytes (found by the fuzzer's oracle).
-  h.size = Math.floor(u64ToNumber(sizeRaw, 'Image size', name) / 512) * 512;
+  // The L1 checks above bound it by 2^61 (4 Mi L1 entries of 2 MiB clusters): whole
+  // sectors that large are exact doubles.
+  h.size = Number((sizeRaw / 512n) * 512n);
 
   if (h.backingFileOffset !== 0) {
     const len = h.backingFileSize;

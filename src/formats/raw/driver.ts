@@ -8,10 +8,11 @@ import type { OpenContext } from '../../core/open.js';
 import type { OptionSpec } from '../../core/options.js';
 import type { HostFile } from '../../io/host.js';
 import { alignUp } from '../../core/units.js';
-import { QimgError } from '../../core/errors.js';
+import { QimgError, describeSystemError } from '../../core/errors.js';
 import { allocateFile, zeroFileRange } from '../../io/allocate.js';
 import type { OptionValue } from '../../core/options.js';
-import { writeNewFile } from '../../io/new-file.js';
+import { checkNewFileLength, writeNewFile } from '../../io/new-file.js';
+import { truncateFile } from '../../io/file.js';
 
 export const rawCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -51,6 +52,12 @@ export class RawImage implements BlockImage {
     return { length: len, data: run.data && run.length > 0, zero: !(run.data && run.length > 0), hostOffset: offset, file: this.filename };
   }
 
+  plainRange(offset: number, length: number): { fd: number; hostOffset: number; length: number } | undefined {
+    const fd = this.file.fd;
+    if (fd === undefined || this.file.isBlockDevice) return undefined;
+    return { fd, hostOffset: offset, length: Math.max(0, Math.min(length, this.file.size - offset)) };
+  }
+
   private checkWrite(offset: number, length: number): void {
     assertWritableRange(this, this.file.writable, offset, length);
   }
@@ -74,7 +81,12 @@ export class RawImage implements BlockImage {
     const mode = opts.preallocation ?? 'off';
     if (mode === 'metadata') throw new QimgError("Unsupported preallocation mode 'metadata'", { file: this.filename });
     const old = this.file.size;
-    await this.file.truncate(size);
+    try {
+      await this.file.truncate(size);
+    } catch (err) {
+      // qemu's file protocol: "Could not resize file: <strerror>"
+      throw new QimgError(`Could not resize file: ${describeSystemError(err)}`, { file: this.filename, cause: err });
+    }
     if (size > old && mode === 'falloc') await allocateFile(this.file.fd, size, old);
     if (size > old && mode === 'full') {
       const zeros = Buffer.alloc(Math.min(size - old, 4 * 1024 * 1024));
@@ -113,18 +125,31 @@ async function createRaw(path: string, size: number, options: Map<string, Option
   const prealloc = (options.get('preallocation') as string | undefined) ?? 'off';
   if (prealloc === 'metadata') throw new QimgError('Unsupported preallocation mode: metadata');
   if (!['off', 'falloc', 'full'].includes(prealloc)) throw new QimgError(`invalid parameter value: ${prealloc}`);
-  await writeNewFile(path, async (handle) => {
-    await handle.truncate(size);
-    if (prealloc === 'falloc') await allocateFile(handle.fd, size);
-    if (prealloc === 'full') {
-      const zeros = Buffer.alloc(Math.min(size, 4 * 1024 * 1024));
-      for (let p = 0; p < size; p += zeros.length) await handle.write(zeros, 0, Math.min(zeros.length, size - p), p);
-    }
-    // qemu-img writes the first 4 KiB of a new raw image (its alignment probe); so do we,
-    // so that `map` of a fresh image looks the same.
-    if (prealloc !== 'full' && size > 0) await handle.write(Buffer.alloc(Math.min(4096, size)), 0, Math.min(4096, size), 0);
-    await handle.datasync();
-  });
+  // The exact size from the options (not every size past 2^62 is a double). 2^63, what
+  // 2^63 - 1 rounds up to, is a negative length to ftruncate, as in qemu.
+  const given = options.get('size');
+  const exact = typeof given === 'bigint' && Number(given) === size ? given : BigInt(size);
+  if (exact > (1n << 63n) - 1n) throw new QimgError('Could not resize file: Invalid argument');
+  // a file system's EFBIG, as qemu's file protocol words it here
+  const reword = (err: unknown) => ((err as NodeJS.ErrnoException).code === 'EFBIG' ? new QimgError("The image size is too large for file format 'raw'") : err);
+  // (an existing file stays as it is when the new length is refused)
+  await checkNewFileLength(path, exact).catch((err: unknown) => Promise.reject(reword(err)));
+  await writeNewFile(
+    path,
+    async (handle) => {
+      await truncateFile(handle, exact > BigInt(Number.MAX_SAFE_INTEGER) ? exact : size);
+      if (prealloc === 'falloc') await allocateFile(handle.fd, size);
+      if (prealloc === 'full') {
+        const zeros = Buffer.alloc(Math.min(size, 4 * 1024 * 1024));
+        for (let p = 0; p < size; p += zeros.length) await handle.write(zeros, 0, Math.min(zeros.length, size - p), p);
+      }
+      // qemu-img writes the first 4 KiB of a new raw image (its alignment probe); so do we,
+      // so that `map` of a fresh image looks the same.
+      if (prealloc !== 'full' && size > 0) await handle.write(Buffer.alloc(Math.min(4096, size)), 0, Math.min(4096, size), 0);
+      await handle.datasync();
+    },
+    reword,
+  );
 }
 
 export const rawDriver: FormatDriver = {

@@ -37,7 +37,10 @@ export async function createVdi(path: string, size: number, options: Map<string,
   }
   if (prealloc === 'metadata') throw new QimgError('Unsupported preallocation mode: metadata');
   if (size > VDI_DISK_SIZE_MAX) {
-    throw new QimgError(`Unsupported VDI image size (size is 0x${hex(size)}, max supported is 0x${hex(VDI_DISK_SIZE_MAX)})`);
+    // the exact size (options' bigint) where a double cannot hold it
+    const exact = options.get('size');
+    const shown = typeof exact === 'bigint' && Number(exact) === size ? exact.toString(16) : hex(size);
+    throw new QimgError(`Unsupported VDI image size (size is 0x${shown}, max supported is 0x${hex(VDI_DISK_SIZE_MAX)})`);
   }
   const isStatic = options.get('static') === true;
   const { header, blocks, bmapBytes } = newHeader(size, isStatic);
