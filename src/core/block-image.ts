@@ -126,6 +126,11 @@ export interface BlockImage {
    * does not shrink (a stream-optimized VMDK has no other kind).
    */
   readonly compression?: { algorithm: CompressionAlgorithm; clusterSize: number; alwaysCompressed?: boolean };
+  /**
+   * Writes are recorded by range (persistent dirty bitmaps): a copy onto this image writes
+   * exactly the ranges qemu-img would, nothing widened to allocation units.
+   */
+  readonly tracksWrites?: boolean;
   /** Every write is stored compressed: convert hands it whole compressed units even without -c. */
   readonly compressesAllWrites?: boolean;
   /** Stores one unit (cluster) already compressed with `compression.algorithm`. */

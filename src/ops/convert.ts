@@ -12,7 +12,6 @@ import type { ImageOptions, SecretStore } from '../core/secrets.js';
 import type { ParsedOptions } from '../core/options.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
-import type { Qcow2Image } from '../formats/qcow2/driver.js';
 import { checkSourceBitmaps, checkTargetBitmaps, copyBitmaps } from './bitmap-copy.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
 
@@ -170,9 +169,9 @@ export async function convert(req: ConvertRequest): Promise<void> {
       // In order unless -W, for raw targets too: with the page cache cold, reads in
       // offset order beat completion order (measured on 1 GiB qcow2/vhdx → raw).
       outOfOrder: req.outOfOrder,
-      // The persistent bitmaps of an existing qcow2 target record exactly the ranges
+      // The persistent bitmaps of a target (only an existing one has any) record exactly the ranges
       // written: write what qemu-img writes (its sparse detection, nothing widened to clusters).
-      targetGranularity: req.noCreate && target.format === 'qcow2' && (target as Qcow2Image).header.bitmaps ? 512 : target.allocationUnit,
+      targetGranularity: target.tracksWrites ? 512 : target.allocationUnit,
       onProgress: req.onProgress,
       // only a new target (qemu-img's target_backing_sectors is unknown with -n)
       targetBackingSize: req.backingFile !== undefined && !req.noCreate ? target.backing?.virtualSize : undefined,

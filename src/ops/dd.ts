@@ -18,10 +18,10 @@ import type { BlockImage, ImageInfo, LayerStatus } from '../core/block-image.js'
 import { creationRefusal, findDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
 import { openImage } from '../core/open.js';
-import { ImageFile } from '../io/file.js';
 import type { ImageOptions, SecretStore } from '../core/secrets.js';
 import { copyImages } from './copy-engine.js';
 import { prepareCreate } from './create.js';
+import { NeverWritable } from '../core/read-only-image.js';
 
 export interface DdRequest {
   /** the input: an image file, or an image the caller opened (and closes) */
@@ -135,27 +135,16 @@ export async function dd(req: DdRequest): Promise<void> {
 }
 
 /**
- * An existing output is truncated by its format's create path, which takes no lock: it
- * must be neither the input itself (also when the input was opened with -U) nor an
- * image someone else has open, as qemu-img refuses it with its write lock.
+ * An existing output must not be the input itself or one of its backing files, also
+ * when the input was opened with -U (without locks). An image someone else has open is
+ * refused by the create path itself, which takes QEMU's write lock before emptying a file.
  */
 async function assertReplaceable(output: string, st: Stats, input: BlockImage): Promise<void> {
-  const refuse = (why: string) => new QimgError(`error while creating output image: ${why}`, { file: output });
   for (let layer: BlockImage | null = input; layer; layer = layer.backing) {
     const other = await stat(layer.filename).catch(() => undefined);
     if (other && other.dev === st.dev && other.ino === st.ino) {
-      throw refuse(`Failed to get "write" lock: '${output}' is ${layer === input ? 'the input image' : 'a backing file of the input'}`);
+      throw new QimgError(`error while creating output image: Failed to get "write" lock: '${output}' is ${layer === input ? 'the input image' : 'a backing file of the input'}`, { file: output });
     }
-  }
-  if (!st.isFile()) return;
-  let probe: ImageFile | undefined;
-  try {
-    probe = await ImageFile.open(output, { writable: true, lock: 'write' });
-  } catch (err) {
-    // only a lock conflict matters here; the create path reports anything else its way
-    if (err instanceof QimgError && /lock/.test(err.message)) throw refuse(err.message);
-  } finally {
-    await probe?.close().catch(() => undefined);
   }
 }
 
@@ -167,15 +156,15 @@ export function windowOf(inner: BlockImage, start: number, length: number): Bloc
   return new WindowImage(inner, start, Math.max(0, Math.min(length, inner.virtualSize - start)));
 }
 
-class WindowImage implements BlockImage {
+class WindowImage extends NeverWritable implements BlockImage {
   readonly backing: BlockImage | null;
-  readonly readOnly = true;
 
   constructor(
     private readonly inner: BlockImage,
     private readonly start: number,
     readonly virtualSize: number,
   ) {
+    super();
     const below = inner.backing;
     this.backing = below && start < below.virtualSize ? windowOf(below, start, virtualSize) : null;
   }
@@ -200,27 +189,9 @@ class WindowImage implements BlockImage {
     return this.inner.layerStatus(this.start + offset, Math.min(length, this.virtualSize - offset));
   }
 
-  private refuse(): Promise<never> {
-    return Promise.reject(new QimgError('image is opened read-only', { file: this.filename }));
-  }
-
-  write(): Promise<void> {
-    return this.refuse();
-  }
-
-  writeZeroes(): Promise<void> {
-    return this.refuse();
-  }
-
-  discard(): Promise<void> {
-    return this.refuse();
-  }
-
   async info(): Promise<ImageInfo> {
     return { filename: this.filename, format: this.format, virtualSize: this.virtualSize };
   }
-
-  async flush(): Promise<void> {}
 
   /** The window owns nothing: the caller closes the image it looks into. */
   async close(): Promise<void> {}

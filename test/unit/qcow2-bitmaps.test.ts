@@ -204,7 +204,7 @@ suite('qcow2 bitmap directory', () => {
 
   it('prints qemu key order and flag order (flags, name, granularity; in-use before auto)', () => {
     const info = bitmapInfoForQemu([
-      { name: 'x', granularityBits: 9, granularity: 512, flags: 3, inUse: true, auto: true, type: 1, tableOffset: 65536, tableSize: 1, extraData: Buffer.alloc(0) },
+      { name: 'x', nameBytes: Buffer.from('x'), granularityBits: 9, granularity: 512, flags: 3, inUse: true, auto: true, type: 1, tableOffset: 65536, tableSize: 1, extraData: Buffer.alloc(0) },
     ]);
     expect(JSON.stringify(info)).toBe('[{"flags":["in-use","auto"],"name":"x","granularity":512}]');
   });

@@ -13,6 +13,7 @@ import type { HostFile } from '../../io/host.js';
 import { SliceFile } from '../../io/slice.js';
 import { parseOvf, type OvfDisk, type OvfFile } from './ovf.js';
 import { isTarHeader, listTar, type TarMember } from './tar.js';
+import { NeverWritable } from '../../core/read-only-image.js';
 
 /** Largest OVF descriptor read (real ones are a few KiB). */
 const MAX_DESCRIPTOR = 16 * 1024 * 1024;
@@ -82,9 +83,8 @@ function selectDisk(disks: OvaDisk[], spec: string | undefined, path: string): O
   return found;
 }
 
-export class OvaImage implements BlockImage {
+export class OvaImage extends NeverWritable implements BlockImage {
   readonly format = 'ova';
-  readonly readOnly = true;
   constructor(
     private readonly file: HostFile,
     readonly filename: string,
@@ -92,7 +92,9 @@ export class OvaImage implements BlockImage {
     readonly selected: OvaDisk,
     /** the selected disk, opened in place */
     readonly disk: BlockImage,
-  ) {}
+  ) {
+    super();
+  }
 
   get virtualSize(): number {
     return this.disk.virtualSize;
@@ -117,20 +119,8 @@ export class OvaImage implements BlockImage {
     return { ...st, hostOffset: st.hostOffset + (this.selected.member?.offset ?? 0), file: this.filename };
   }
 
-  private readOnlyError(): Promise<never> {
-    return Promise.reject(new QimgError('an OVA is read-only: convert its disk to write it', { file: this.filename }));
-  }
-
-  write(): Promise<void> {
-    return this.readOnlyError();
-  }
-
-  writeZeroes(): Promise<void> {
-    return this.readOnlyError();
-  }
-
-  discard(): Promise<void> {
-    return this.readOnlyError();
+  protected override readOnlyReason(): string {
+    return 'an OVA is read-only: convert its disk to write it';
   }
 
   async info(): Promise<ImageInfo> {
@@ -156,8 +146,6 @@ export class OvaImage implements BlockImage {
       formatSpecific: { type: 'ova', data: { 'disk-format': inner.format, disks } },
     };
   }
-
-  async flush(): Promise<void> {}
 
   async close(): Promise<void> {
     try {

@@ -26,7 +26,7 @@ import {
   BME_MAX_PHYS_SIZE,
   BME_MAX_TABLE_SIZE,
   BME_MIN_GRANULARITY_BITS,
-  readBitmapDirectory,
+  loadBitmapDirectory,
 } from './bitmaps.js';
 import { serializeHeader } from './header-serialize.js';
 import type { Qcow2Image } from './driver.js';
@@ -110,8 +110,9 @@ export class Qcow2BitmapSet {
   private dirty = false;
   /** bits, sizes or the directory changed (not only the in-use flags) */
   private changed = false;
-  /** the directory as it was before the in-use flags were set (restored when nothing changed) */
-  private directoryAtOpen: Buffer | null = null;
+  /** the directory as the header's extension describes it, without the in-use flags this
+   * set adds (written back in place when nothing else changed) */
+  private directoryOnDisk: Buffer | null = null;
   /** clusters the current directory references that the next store releases */
   private readonly retired: Array<{ offset: number; length: number }> = [];
 
@@ -123,17 +124,12 @@ export class Qcow2BitmapSet {
     const img = this.img;
     const ext = img.header.bitmaps;
     if (!ext) return (this.list = []);
-    const entries = await readBitmapDirectory(img.file, ext, img.geometry.clusterSize, img.virtualSize);
-    const dir = await img.file.readBytes(ext.directoryOffset, ext.directorySize);
-    let pos = 0;
+    const { entries, bytes } = await loadBitmapDirectory(img.file, ext, img.geometry.clusterSize, img.virtualSize);
+    this.directoryOnDisk = bytes;
     this.list = entries.map((e) => {
-      const nameSize = dir.readUInt16BE(pos + 18);
-      const nameStart = pos + DIR_ENTRY_HEADER + e.extraData.length;
-      const nameBytes = Buffer.from(dir.subarray(nameStart, nameStart + nameSize));
-      pos += Math.ceil((DIR_ENTRY_HEADER + e.extraData.length + nameSize) / 8) * 8;
       return {
         name: e.name,
-        nameBytes,
+        nameBytes: e.nameBytes,
         granularityBits: e.granularityBits,
         enabled: e.auto,
         inconsistent: e.inUse,
@@ -320,9 +316,6 @@ export class Qcow2BitmapSet {
         if (entry & TABLE_ALL_ONES) part.fill(0xff);
         continue;
       }
-      if (offset + part.length > img.file.size) {
-        throw new CorruptImageError(img.filename, `Could not read bitmap '${b.name}': data cluster at 0x${offset.toString(16)} lies beyond the end of the file`);
-      }
       await img.file.read(part, offset);
     }
     clearTail(bits, Math.ceil(img.virtualSize / 2 ** b.granularityBits));
@@ -372,8 +365,8 @@ export class Qcow2BitmapSet {
     const img = this.img;
     const ext = img.header.bitmaps;
     if (!ext || this.tracking || !(this.list ?? []).some((b) => !b.inconsistent && b.tableOffset !== 0)) return;
-    const dir = await img.file.readBytes(ext.directoryOffset, ext.directorySize);
-    this.directoryAtOpen = Buffer.from(dir);
+    this.directoryOnDisk ??= await img.file.readBytes(ext.directoryOffset, ext.directorySize);
+    const dir = Buffer.from(this.directoryOnDisk);
     for (let pos = 0; pos + DIR_ENTRY_HEADER <= dir.length; pos += entrySize(dir.readUInt16BE(pos + 18) + dir.readUInt32BE(pos + 20))) {
       dir.writeUInt32BE((dir.readUInt32BE(pos + 12) | BME_FLAG_IN_USE) >>> 0, pos + 12);
     }
@@ -412,17 +405,16 @@ export class Qcow2BitmapSet {
     if (!this.dirty) return;
     const img = this.img;
     const ext = img.header.bitmaps;
-    if (!this.changed && this.directoryAtOpen && ext) {
+    if (!this.changed && this.directoryOnDisk && ext) {
       // Nothing but the in-use flags: the directory goes back in place, byte for byte
       // (the same autoclear-bit dance), so an image opened for writing and left alone
       // (a refused operation) ends as it was.
       await this.writeAutoclear(img.header.autoclearFeatures & ~C.AUTOCLEAR_BITMAPS);
-      await img.file.write(this.directoryAtOpen, ext.directoryOffset);
+      await img.file.write(this.directoryOnDisk, ext.directoryOffset);
       await img.sync();
       await this.writeAutoclear(img.header.autoclearFeatures | C.AUTOCLEAR_BITMAPS);
       this.dirty = false;
       this.tracking = false;
-      this.directoryAtOpen = null;
       return;
     }
     const cs = img.geometry.clusterSize;
@@ -458,17 +450,15 @@ export class Qcow2BitmapSet {
     // a stale extension (its autoclear bit was cleared by a program without bitmap
     // support) is replaced, as QEMU drops it, never written twice
     h.unknownExtensions = h.unknownExtensions.filter((e) => e.type !== C.EXT_BITMAPS);
-    if (list.length > 0) {
-      const dir = buildDirectory(list);
-      const dirAt = await rc.allocate(Math.ceil(dir.length / cs));
-      await img.file.write(dir, dirAt);
-      await rc.flush();
-      await img.sync();
+    const dir = list.length > 0 ? buildDirectory(list) : null;
+    const dirAt = dir ? await rc.allocate(Math.ceil(dir.length / cs)) : 0;
+    if (dir) await img.file.write(dir, dirAt);
+    await rc.flush();
+    await img.sync();
+    if (dir) {
       h.bitmaps = { nbBitmaps: list.length, directorySize: dir.length, directoryOffset: dirAt };
       h.autoclearFeatures |= C.AUTOCLEAR_BITMAPS;
     } else {
-      await rc.flush();
-      await img.sync();
       h.bitmaps = undefined;
       h.autoclearFeatures &= ~C.AUTOCLEAR_BITMAPS;
     }
@@ -484,7 +474,7 @@ export class Qcow2BitmapSet {
     this.dirty = false;
     this.changed = false;
     this.tracking = false;
-    this.directoryAtOpen = null;
+    this.directoryOnDisk = dir;
   }
 }
 

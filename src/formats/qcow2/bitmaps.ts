@@ -28,6 +28,8 @@ import { printable } from '../../core/printable.js';
 export interface BitmapEntry {
   /** The name as QEMU sees it: the name bytes up to the first NUL, decoded as UTF-8. */
   name: string;
+  /** The name as stored (what a rewritten directory keeps byte for byte). */
+  nameBytes: Buffer;
   granularityBits: number;
   /** 2^granularityBits: bytes of guest data per bitmap bit. */
   granularity: number;
@@ -82,6 +84,16 @@ export async function readBitmapDirectory(
   clusterSize: number,
   virtualSize?: number,
 ): Promise<BitmapEntry[]> {
+  return (await loadBitmapDirectory(file, ext, clusterSize, virtualSize)).entries;
+}
+
+/** readBitmapDirectory, also giving the directory's bytes as read. */
+export async function loadBitmapDirectory(
+  file: HostFile,
+  ext: BitmapsExtension,
+  clusterSize: number,
+  virtualSize?: number,
+): Promise<{ entries: BitmapEntry[]; bytes: Buffer }> {
   const fail = (what: string): never => {
     throw new CorruptImageError(file.path, `Bitmap directory is corrupted: ${what}`);
   };
@@ -96,8 +108,8 @@ export async function readBitmapDirectory(
   if (directoryOffset + directorySize > file.size) {
     fail(`directory (offset ${directoryOffset}, size ${directorySize}) lies beyond the end of the file (${file.size} bytes)`);
   }
-  const dir = await file.readBytes(directoryOffset, directorySize);
-  return parseBitmapDirectory(dir, ext.nbBitmaps, clusterSize, file.path, virtualSize);
+  const bytes = await file.readBytes(directoryOffset, directorySize);
+  return { entries: parseBitmapDirectory(bytes, ext.nbBitmaps, clusterSize, file.path, virtualSize), bytes };
 }
 
 /**
@@ -160,6 +172,7 @@ export function parseBitmapDirectory(
 
     entries.push({
       name,
+      nameBytes: Buffer.from(rawName),
       granularityBits,
       granularity: 2 ** granularityBits,
       flags,

@@ -337,6 +337,11 @@ export class Qcow2Image implements BlockImage {
     return { algorithm: this.header.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'deflate', clusterSize: this.geometry.clusterSize };
   }
 
+  /** Persistent bitmaps record this image's writes (BlockImage.tracksWrites). */
+  get tracksWrites(): boolean {
+    return this.file.writable && !!this.header.bitmaps;
+  }
+
   /** The unit in which this image allocates: zero detection never splits one. */
   get allocationUnit(): number {
     return this.geometry.subclusterSize;
