@@ -13,6 +13,7 @@ import { backingImageOptions, type ImageOptions, type SecretStore } from './secr
 import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
+import { isRemoteName, openRemote } from '../io/remote.js';
 
 /** Longest backing chain qimg opens. */
 export const MAX_CHAIN_DEPTH = 256;
@@ -111,7 +112,7 @@ async function openInChain(
 ): Promise<BlockImage> {
   let real: string;
   try {
-    real = realpathSync(filename);
+    real = isRemoteName(filename) ? filename : realpathSync(filename);
   } catch {
     real = resolve(filename);
   }
@@ -121,6 +122,7 @@ async function openInChain(
   if (chain.length >= MAX_CHAIN_DEPTH) {
     throw new QimgError(`Backing chain is deeper than ${MAX_CHAIN_DEPTH} images`);
   }
+  if (isRemoteName(filename)) return openRemoteInChain(filename, format, options, chain, real);
   const archived = splitArchivePath(filename);
   if (archived) {
     return openArchiveMember(archived.archive, archived.member, format, options, chain, real);
@@ -145,6 +147,20 @@ async function openInChain(
     return await openOnHost(file, driver, options, [...chain, real]);
   } catch (err) {
     await file.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+/** An image on another host (NBD export, HTTP resource): no local locks or paths. */
+async function openRemoteInChain(filename: string, format: string | undefined, options: OpenOptions, chain: string[], real: string): Promise<BlockImage> {
+  const writable = chain.length === 0 && !!options.writable;
+  const host = await openRemote(filename, { writable });
+  try {
+    const driver = format ? findDriver(format) : undefined;
+    if (format && !driver) throw new QimgError(`Unknown driver '${format}'`);
+    return await openOnHost(host, driver, options, [...chain, real]);
+  } catch (err) {
+    await host.close().catch(() => undefined);
     throw err;
   }
 }

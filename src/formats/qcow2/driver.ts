@@ -741,7 +741,9 @@ export class Qcow2Image implements BlockImage {
     this.metadataPrealloc = false;
     try {
       const cs = this.geometry.clusterSize;
-      const realClusters = Math.floor((await this.file.allocatedSize()) / cs);
+      const allocated = await this.file.allocatedSize();
+      if (allocated === undefined) return false; // remote storage: no allocation to compare
+      const realClusters = Math.floor(allocated / cs);
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
       const nbClusters = Math.ceil(this.file.size / cs);
       await this.loadRefcountTable();

@@ -46,6 +46,11 @@ export class RawImage implements BlockImage {
 
   async layerStatus(offset: number, length: number): Promise<LayerStatus> {
     const max = Math.min(length, this.virtualSize - offset);
+    if (this.file.statusAt) {
+      // storage with its own block status (an NBD export): its answer is the layer's
+      const st = await this.file.statusAt(offset, max);
+      return { length: Math.max(1, Math.min(st.length, max)), data: st.data, zero: st.zero, hostOffset: offset, file: this.filename };
+    }
     const run = this.file.runAt(offset, max);
     // Past the end of the file (the tail of the last sector) reads as a hole.
     const len = run.length > 0 ? run.length : max;
@@ -69,6 +74,7 @@ export class RawImage implements BlockImage {
 
   async writeZeroes(offset: number, length: number, opts: { mayUnmap?: boolean } = {}): Promise<void> {
     this.checkWrite(offset, length);
+    if (this.file.writeZeroes) return this.file.writeZeroes(offset, length, { mayUnmap: !!opts.mayUnmap });
     if (await zeroFileRange(this.file, offset, length, !!opts.mayUnmap)) return;
     const chunk = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
     for (let pos = offset; pos < offset + length; pos += chunk.length) {
@@ -97,6 +103,7 @@ export class RawImage implements BlockImage {
 
   async discard(offset: number, length: number): Promise<void> {
     this.checkWrite(offset, length);
+    if (this.file.discard) return this.file.discard(offset, length);
     // Discard is advisory; a hole reads as zeros, which is what raw users expect.
     await zeroFileRange(this.file, offset, length, true);
   }

@@ -341,7 +341,11 @@ export class VmdkImage implements BlockImage {
   async info(): Promise<ImageInfo> {
     const exts = this.layout.extents;
     let actual = await this.file.allocatedSize();
-    for (const f of this.layout.ownFiles) if (f !== this.file) actual += await f.allocatedSize();
+    for (const f of this.layout.ownFiles) {
+      if (f === this.file || actual === undefined) continue;
+      const more = await f.allocatedSize();
+      actual = more === undefined ? undefined : actual + more;
+    }
     const first = exts[0];
     const same = exts.every(
       (e) =>
