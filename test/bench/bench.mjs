@@ -524,8 +524,99 @@ function workloads(dir) {
     ...CURVE.vsizes.map((v) =>
       conv(`curve-vsize-${v.label}`, `curve: ${v.label} B virtual→qcow2`, ['convert', '-O', 'qcow2'], v.file, 'qcow2', { ratio: 0.9 }),
     ),
+    ...nbdWorkloads(f),
     { id: 'info', name: 'info (4G qcow2)', kind: 'meta', args: ['info', f('big.qcow2')], target: { node: 1.3 } },
     { id: 'map', name: 'map --output=json (4G qcow2)', kind: 'meta', args: ['map', '--output=json', f('big.qcow2')], target: { node: 1.3 } },
+  ];
+}
+
+// ---------------------------------------------------------------------------------------
+// NBD rows: a server started untimed (`--fork --pid-file`, on a unix socket) and the
+// client's transfer timed. qimg's side is `qimg serve` + a qimg client; the other side
+// is qemu-nbd + qemu-img, or qemu-nbd + nbdcopy (libnbd's copier). Only the client's
+// time and memory are measured; both servers run the same way.
+// ---------------------------------------------------------------------------------------
+
+/** A server daemon (qemu-nbd or `qimg serve`) on a unix socket, until stopNbdServer. */
+function startNbdServer(tool, dir, tag, args) {
+  const sock = path.join(dir, `nbd-${tag}.sock`);
+  const pidFile = path.join(dir, `nbd-${tag}.pid`);
+  rmf(sock);
+  rmf(pidFile);
+  const [cmd, pre] = tool === 'qimg' ? [NODE, [QIMG_BIN, 'serve']] : ['qemu-nbd', []];
+  sh(cmd, [...pre, '--fork', '--pid-file', pidFile, '-t', '-k', sock, ...args]);
+  return { sock, pidFile, uri: `nbd+unix:///?socket=${sock}`, pid: Number(fs.readFileSync(pidFile, 'utf8').trim()) };
+}
+
+function stopNbdServer(server) {
+  if (!server) return;
+  try {
+    process.kill(server.pid, 'SIGTERM');
+  } catch {
+    return;
+  }
+  // wait (bounded) until it has flushed and exited: the next run reuses its files
+  for (let i = 0; i < 600; i++) {
+    try {
+      process.kill(server.pid, 0);
+    } catch {
+      break;
+    }
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
+  }
+  rmf(server.sock);
+  rmf(server.pidFile);
+}
+
+function nbdWorkloads(f) {
+  const big = f('big.qcow2');
+  // qimg against qemu-nbd + qemu-img (peer 'qemu-img') or qemu-nbd + nbdcopy (peer 'nbdcopy')
+  const read = (id, name, outFmt, peer) => ({
+    id,
+    name,
+    kind: 'nbd',
+    outFmt,
+    target: { ratio: 1.0 },
+    prepare(tool) {
+      const out = f(`nbd-out-${tool}.${outFmt}`);
+      rmf(out);
+      const server = startNbdServer(tool, path.dirname(big), `${id}-${tool}`, ['-r', '-f', 'qcow2', big]);
+      const args =
+        tool === 'qimg'
+          ? [NODE, [QIMG_BIN, 'convert', '-f', 'raw', '-O', outFmt, server.uri, out]]
+          : peer === 'nbdcopy'
+            ? ['nbdcopy', [server.uri, out]]
+            : ['qemu-img', ['convert', '-f', 'raw', '-O', outFmt, server.uri, out]];
+      return { cmd: args, result: out, files: [out], server, settle: () => stopNbdServer(server) };
+    },
+  });
+  const write = (id, name, peer) => ({
+    id,
+    name,
+    kind: 'nbd',
+    outFmt: 'raw',
+    target: { ratio: 1.0 },
+    prepare(tool) {
+      const out = f(`nbd-target-${tool}.raw`);
+      rmf(out);
+      fs.closeSync(fs.openSync(out, 'w'));
+      fs.truncateSync(out, SIZES.big);
+      const server = startNbdServer(tool, path.dirname(big), `${id}-${tool}`, ['-f', 'raw', out]);
+      const args =
+        tool === 'qimg'
+          ? [NODE, [QIMG_BIN, 'convert', '-n', '-f', 'qcow2', '-O', 'raw', big, server.uri]]
+          : peer === 'nbdcopy'
+            ? ['nbdcopy', ['--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', big, ']', server.uri]]
+            : ['qemu-img', ['convert', '-n', '-f', 'qcow2', '-O', 'raw', big, server.uri]];
+      // the server flushes and closes before the result is compared
+      return { cmd: args, result: out, files: [out], server, settle: () => stopNbdServer(server) };
+    },
+  });
+  return [
+    read('nbd-read', 'NBD: served qcow2 → qcow2 (4G mixed; vs qemu-nbd + qemu-img)', 'qcow2', 'qemu-img'),
+    write('nbd-write', 'NBD: qcow2 → served raw (4G mixed; vs qemu-nbd + qemu-img)', 'qemu-img'),
+    read('nbd-read-nbdcopy', 'NBD: served qcow2 → raw (4G mixed; vs qemu-nbd + nbdcopy)', 'raw', 'nbdcopy'),
+    write('nbd-write-nbdcopy', 'NBD: qcow2 → served raw (4G mixed; vs qemu-nbd + nbdcopy)', 'nbdcopy'),
   ];
 }
 
@@ -537,11 +628,13 @@ function toolCmd(tool, args) {
 function verify(w, qimgRes, qemuRes, outQ, outE, notes) {
   if (!qimgRes.ok) return `qimg failed: ${qimgRes.error}`;
   if (!qemuRes.ok) return `qemu-img failed: ${qemuRes.error}`;
-  if (w.kind === 'modify') {
-    // outQ/outE: the images each tool changed
-    const c = sh('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', outE, outQ], { allowFail: true });
+  if (w.kind === 'modify' || w.kind === 'nbd') {
+    // outQ/outE: the images each tool changed or wrote
+    const fmt = w.outFmt ?? 'qcow2';
+    const c = sh('qemu-img', ['compare', '-f', fmt, '-F', fmt, outE, outQ], { allowFail: true });
     if (c.status !== 0) return `compare: ${(c.stdout + c.stderr).trim().split('\n')[0] || `exit ${c.status}`}`;
-    const k = sh('qemu-img', ['check', '-f', 'qcow2', outQ], { allowFail: true });
+    if (fmt === 'raw') return null;
+    const k = sh('qemu-img', ['check', '-f', fmt, outQ], { allowFail: true });
     if (k.status !== 0) return `check exit ${k.status}: ${(k.stdout + k.stderr).trim().split('\n').slice(-1)[0]}`;
     return null;
   }
@@ -611,13 +704,14 @@ function runWorkload(w, dir) {
   const once = (tool, capture) => {
     if (w.kind === 'convert') rmf(outOf(tool));
     if (w.prepare) prepared[tool] = w.prepare(tool);
-    const [cmd, args] = toolCmd(tool, prepared[tool]?.args ?? argsFor(tool));
+    const [cmd, args] = prepared[tool]?.cmd ?? toolCmd(tool, prepared[tool]?.args ?? argsFor(tool));
     let r = timed(cmd, args, { captureStdout: capture, cold });
     // qemu-img 7.2's PBKDF calibration fails at random on VMs: such a run is repeated
     for (let i = 0; i < 8 && !r.ok && /accurate CPU usage/.test(r.error ?? ''); i++) {
       if (w.kind === 'convert') rmf(outOf(tool));
       r = timed(cmd, args, { captureStdout: capture, cold });
     }
+    prepared[tool]?.settle?.();
     if (r.rssKiB != null) rss[tool].push(r.rssKiB);
     return r;
   };
@@ -726,6 +820,7 @@ function setupDir() {
 const OUR_FILES = [
   'big.raw', 'sub.raw', 'dense.raw', 'big.qcow2', 'sub.qcow2', 'top.qcow2', 'subc.qcow2', 'empty.qcow2',
   'out-qimg.raw', 'out-qimg.qcow2', 'out-qemu-img.raw', 'out-qemu-img.qcow2',
+  'nbd-out-qimg.qcow2', 'nbd-out-qemu-img.qcow2', 'nbd-out-qimg.raw', 'nbd-out-qemu-img.raw', 'nbd-target-qimg.raw', 'nbd-target-qemu-img.raw',
   'sub.so.vmdk', 'sub.vhdx', 'sub.vdi', 'sub.vhd', 'sub.luks.qcow2',
   ...CURVE.sizes.map((c) => c.file),
   ...Array.from({ length: Math.max(...CURVE.depths) }, (_, i) => `chain-${i + 1}.qcow2`),
