@@ -160,7 +160,8 @@ export function registerConvert(program: Command, run: (file: string | undefined
             })
           : undefined;
         if (target && opts.compress && !findDriver(target.format!)?.supportsCompression) throw new UsageError('Compression not supported for this file format');
-        const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
+        const toStdout = !opts.targetImageOpts && files[files.length - 1] === '-';
+        const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }), { stdoutTaken: toStdout });
         await convert({
           sources: sources.map((s) => s.path),
           sourceFormat: opts.sourceFormat,
