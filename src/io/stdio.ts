@@ -143,3 +143,8 @@ export function stdoutIsTerminal(): boolean {
   // isatty, not process.stdout: creating that stream would make a pipe non-blocking
   return isatty(1);
 }
+
+/** Whether standard input is a terminal (no image comes from there). */
+export function stdinIsTerminal(): boolean {
+  return isatty(0);
+}

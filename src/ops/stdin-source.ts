@@ -6,7 +6,7 @@
 import type { BlockImage } from '../core/block-image.js';
 import { findDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
-import { STDIO_NAME, standardInput } from '../io/stdio.js';
+import { STDIO_NAME, standardInput, stdinIsTerminal } from '../io/stdio.js';
 
 export function isStdio(name: string): boolean {
   return name === STDIO_NAME;
@@ -23,5 +23,6 @@ export async function openStdinSource(format: string | undefined): Promise<Block
   if (!driver.openSequential) {
     throw fail(`a ${driver.name} image needs random access; only raw and stream-optimized vmdk can be read from standard input`);
   }
+  if (stdinIsTerminal()) throw fail('standard input is a terminal; pipe or redirect an image into it');
   return driver.openSequential(standardInput());
 }

@@ -74,6 +74,7 @@ export class Qcow2StreamWriter implements StreamImageWriter {
     size: number,
     options: Map<string, OptionValue>,
   ) {
+    if (options.has('encrypt.format') || options.get('encryption') === true) throw new QimgError('encryption cannot be written to standard output');
     this.spec = qcow2SpecFromOptions(size, options);
     const refusal = streamRefusal(this.spec);
     if (refusal) throw new QimgError(refusal);

@@ -135,7 +135,7 @@ export class VmdkStreamImage extends NeverWritable implements BlockImage {
         const bound = this.grainBytes + Math.ceil(this.grainBytes / 1024) + 1024;
         if (size > bound) throw this.corrupt(`grain marker size ${size} is too large for a grain of ${this.grainBytes} bytes`);
         const grain = Number(value) / (this.grainBytes / SECTOR);
-        if (grain <= this.lastGrain) throw this.corrupt(`grain markers out of order (LBA ${value} after a later one); the stream needs random access`);
+        if (grain <= this.lastGrain) throw this.corrupt(`grain markers out of order (LBA ${value} after LBA ${this.lastGrain * (this.grainBytes / SECTOR)}); the stream needs random access`);
         this.lastGrain = grain;
         return (this.next = { grain, size });
       }
