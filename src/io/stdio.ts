@@ -72,9 +72,8 @@ export class DescriptorInput implements SequentialInput {
     private readonly fd: number,
     readonly name: string,
   ) {
-    // a file redirected in (`< disk.raw`) tells its length; what is left of it from here
-    const size = regularFileSize(fd);
-    this.knownSize = size;
+    // a file redirected in (`< disk.raw`) tells its length up front; a pipe does not
+    this.knownSize = regularFileSize(fd);
   }
 
   async readFully(buf: Buffer): Promise<number> {
