@@ -149,6 +149,12 @@ export interface BlockImage {
    * file). For in-kernel copies (convert -C); absent or undefined: read and write.
    */
   plainRange?(offset: number, length: number): { fd: number; hostOffset: number; length: number } | undefined;
+  /**
+   * An image read from a stream (standard input): reads must come in increasing
+   * offsets. With `sizeKnown` false (a raw pipe) the size is only known at the end:
+   * `readNext` then takes the bytes in order and returns fewer than asked at the end.
+   */
+  readonly stream?: { readonly sizeKnown: boolean; readNext?(buf: Buffer): Promise<number> };
   /** Persistent dirty bitmaps stored in the image (formats that have them). */
   persistentBitmaps?(): Promise<Array<{ name: string; granularity: number }>>;
   /** Data the `info` command prints. */

@@ -6,6 +6,7 @@
 import type { BlockImage } from './block-image.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from './options.js';
 import type { HostFile } from '../io/host.js';
+import type { SequentialInput, SequentialOutput } from '../io/stdio.js';
 import type { OpenContext } from './open.js';
 import type { ImageOptions, SecretStore } from './secrets.js';
 
@@ -113,6 +114,49 @@ export interface FormatDriver {
   readonly noProbe?: boolean;
   /** an archive of images (OVA): `ARCHIVE/MEMBER` names open one of its disks */
   readonly archive?: boolean;
+  /**
+   * Reads an image in one forward pass (standard input): formats laid out for it only
+   * (raw, stream-optimized VMDK). Reads must come in increasing offsets.
+   */
+  openSequential?(input: SequentialInput): Promise<BlockImage>;
+  /**
+   * Writes a new image in one forward pass (standard output); `options` are the parsed
+   * -o values (size, backing_file, ...). Throws qemu-style refusals for options that
+   * need random access.
+   */
+  createStream?(out: SequentialOutput, size: number, options: Map<string, OptionValue>): StreamImageWriter;
+}
+
+/** A run of allocation units of a streamed image, as a copy will fill it. */
+export interface UnitRun {
+  /** first unit (offset / unit) */
+  start: number;
+  count: number;
+  /** data: stored, written by the copy; zero: reads as zeros without data (zero flag) */
+  kind: 'data' | 'zero';
+}
+
+/** A new image written to a stream: metadata and data in one forward pass. */
+export interface StreamImageWriter {
+  /** the allocation unit: plans and data come in whole units (the last may be short) */
+  readonly unit: number;
+  /**
+   * 'plan': the writer needs every unit's kind before its first byte (its tables come
+   * first) and then exactly the data units, in order; 'live': data comes in increasing
+   * offsets as the copy finds it, anything not written reads as zeros.
+   */
+  readonly mode: 'plan' | 'live';
+  /** zero units with a backing file: kept as zero-flagged units, or stored as data */
+  readonly zeroUnits: 'flag' | 'data';
+  /** the -o backing file, if any (ranges left out show it) */
+  readonly backingFile?: string;
+  readonly backingFormat?: string;
+  /** Writes what comes before the data ('plan' writers get the runs, in order). */
+  begin(plan?: readonly UnitRun[]): Promise<void>;
+  /** Data at `offset`, in increasing offsets. */
+  write(offset: number, data: Buffer): Promise<void>;
+  /** Writes what comes after the data. */
+  finish(): Promise<void>;
 }
 
 /** qemu-img's refusal for a format that cannot be created (create, convert, measure). */

@@ -101,6 +101,8 @@ export function joinBackingName(name: string, imagePath: string): string {
 }
 
 export async function openImage(filename: string, options: OpenOptions = {}): Promise<BlockImage> {
+  // `-` is standard input, which only convert reads (forward, in one pass)
+  if (filename === '-') throw new QimgError("standard input ('-') can only be read by convert (with -f raw or -f vmdk)", { file: filename });
   return openInChain(filename, options.format, { ...options, cacheBudget: options.cacheBudget ?? new CacheBudget() }, []);
 }
 

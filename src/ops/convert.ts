@@ -14,6 +14,9 @@ import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
 import { checkSourceBitmaps, checkTargetBitmaps, copyBitmaps } from './bitmap-copy.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
+import { isStdio, openStdinSource } from './stdin-source.js';
+import { convertToStream, streamOutputRefusal } from './stream-convert.js';
+import { copyGrowing, growRefusal } from './grow-copy.js';
 
 export interface ConvertRequest {
   sources: string[];
@@ -76,6 +79,17 @@ export async function convert(req: ConvertRequest): Promise<void> {
   if (req.snapshot && req.sources.length > 1) throw unnamed('No support for concatenating multiple snapshot');
   if (req.copyOffload && req.compress) throw unnamed('Cannot enable copy offloading when -c is used');
   if (req.copyOffload && req.salvage) throw unnamed('Cannot use copy offloading in salvaging mode');
+  // `-` (standard input / output): refused combinations before anything is read
+  const toStream = isStdio(req.output) && !req.targetImageOptions;
+  if (toStream) {
+    const refusal = streamOutputRefusal(req);
+    if (refusal) throw new QimgError(refusal, { file: req.output });
+  }
+  const fromStdin = req.sources.filter(isStdio).length;
+  if (fromStdin > 0) {
+    const why = fromStdin > 1 ? 'standard input can be read only once' : req.snapshot ? 'an internal snapshot (-l) needs random access' : req.sourceSpecs ? 'standard input cannot be given with --image-opts' : req.copyOffload ? 'copy offloading (-C) needs files' : undefined;
+    if (why) throw new QimgError(why, { file: '-' });
+  }
 
   const sources: BlockImage[] = [];
   const views: BlockImage[] = [];
@@ -88,7 +102,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
       const spec = req.sourceSpecs?.[i];
       try {
         sources.push(
-          await openImage(f, {
+          isStdio(f) && !spec ? await openStdinSource(req.sourceFormat) : await openImage(f, {
             format: spec?.format ?? req.sourceFormat,
             forceShare: req.forceShare || spec?.forceShare,
             secrets: req.secrets,
@@ -107,7 +121,16 @@ export async function convert(req: ConvertRequest): Promise<void> {
       views.push(view);
       inputs = [view];
     }
-    const total = inputs.reduce((n, s) => n + s.virtualSize, 0);
+    if (toStream) {
+      await convertToStream(req, inputs);
+      return;
+    }
+    // a raw pipe's size is known at its end: the new image grows as it arrives
+    const growing = inputs.find((s) => s.stream && !s.stream.sizeKnown);
+    if (growing && (inputs.length > 1 || req.backingFile !== undefined)) {
+      throw new QimgError(`the size of a raw pipe is known only at its end; it cannot be ${inputs.length > 1 ? 'concatenated with other sources' : 'converted onto a backing file (-B)'}`, { file: '-' });
+    }
+    const total = growing ? 0 : inputs.reduce((n, s) => n + s.virtualSize, 0);
 
     let targetOptions = req.noCreate ? req.targetImageOptions : undefined;
     if (!req.noCreate) {
@@ -153,6 +176,8 @@ export async function convert(req: ConvertRequest): Promise<void> {
     }
     target = await openImage(req.output, { format: req.outputFormat, writable: true, secrets: req.secrets, imageOptions: targetOptions });
     if (target.virtualSize < total) throw unnamed('output file is smaller than input file');
+    const growRefused = growing ? growRefusal(target, !!req.noCreate) : undefined;
+    if (growRefused) throw new QimgError(growRefused, { file: '-' });
     if (req.bitmaps) checkTargetBitmaps(target, req.outputFormat);
     const t = target as BlockImage & { unsafeCache?: boolean; clusterSize?: number };
     // qemu-img's default cache mode for the target is unsafe: no flush until the end.
@@ -188,11 +213,14 @@ export async function convert(req: ConvertRequest): Promise<void> {
       const { compressingWriter } = await import('./compress-writer.js');
       const writer = compressingWriter(target, total, { skipZeroClusters: opts.sparseSize > 0, targetIsZero: opts.targetIsZero });
       try {
-        await copyImages(inputs, target, { ...opts, writeData: writer.write, targetGranularity: target.allocationUnit });
+        if (growing) await copyGrowing(growing, target, { ...opts, fixedSize: !!req.noCreate, targetGranularity: target.allocationUnit, writeData: writer.write });
+        else await copyImages(inputs, target, { ...opts, writeData: writer.write, targetGranularity: target.allocationUnit });
         await writer.finish();
       } finally {
         await writer.close();
       }
+    } else if (growing) {
+      await copyGrowing(growing, target, { ...opts, fixedSize: !!req.noCreate, targetGranularity: opts.targetGranularity ?? target.allocationUnit });
     } else {
       await copyImages(inputs, target, opts);
     }

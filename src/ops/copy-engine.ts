@@ -99,7 +99,8 @@ class RateLimiter {
 /** Bytes read per request. */
 export const CHUNK = 2 * 1024 * 1024;
 
-interface Item {
+/** One range of the copy, in order: data to read, zeros, or left to the target's backing file (skip). */
+export interface Item {
   src: BlockImage;
   srcOffset: number;
   dstOffset: number;
@@ -130,7 +131,8 @@ async function topLayerExtent(img: BlockImage, offset: number, length: number): 
   };
 }
 
-async function* workItems(sources: BlockImage[], opts: CopyOptions): AsyncGenerator<Item> {
+/** The copy's ranges in target order, from the sources' block status (no data is read). */
+export async function* workItems(sources: BlockImage[], opts: CopyOptions): AsyncGenerator<Item> {
   const unit = Math.max(1, opts.targetGranularity ?? 1);
   let base = 0;
   for (const src of sources) {
@@ -367,7 +369,7 @@ function isAllZero(data: Buffer): boolean {
  * Writes `data` at `offset`, leaving out aligned zero blocks of `zeroUnit` bytes
  * (skipped when the target already reads zero, else written as zero requests).
  */
-async function writeWithZeroDetection(
+export async function writeWithZeroDetection(
   offset: number,
   data: Buffer,
   zeroUnit: Buffer | null,

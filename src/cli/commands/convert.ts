@@ -91,7 +91,7 @@ export function registerConvert(program: Command, run: (file: string | undefined
     .option('--target-image-opts', 'the output file is an option string (driver=FMT,file.filename=PATH,...); needs -n');
   addObjectOption(cmd);
   addImageOptsOption(cmd, 'each source')
-    .argument('[files...]', 'source image(s) followed by the output file')
+    .argument('[files...]', 'source image(s) followed by the output file; - reads standard input (-f raw or vmdk) or writes standard output (raw, qcow2, vmdk subformat=streamOptimized)')
     .action((files: string[], opts: ConvertFlags, command: Command) =>
       run(opts.targetImageOpts ? undefined : files[files.length - 1], () => withObjects(opts.object, async (secrets) => {
         // qemu-img checks these values while it reads the options, before anything else
@@ -160,7 +160,8 @@ export function registerConvert(program: Command, run: (file: string | undefined
             })
           : undefined;
         if (target && opts.compress && !findDriver(target.format!)?.supportsCompression) throw new UsageError('Compression not supported for this file format');
-        const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }));
+        const toStdout = !opts.targetImageOpts && files[files.length - 1] === '-';
+        const progress = createProgress(progressMode({ progress: opts.progressJson ? 'json' : opts.progress, quiet: opts.quiet }), { stdoutTaken: toStdout });
         await convert({
           sources: sources.map((s) => s.path),
           sourceFormat: opts.sourceFormat,

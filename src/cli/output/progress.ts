@@ -30,14 +30,16 @@ function humanBytes(n: number): string {
   return `${n.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
 }
 
-export function createProgress(mode: ProgressMode): ProgressReporter {
+export function createProgress(mode: ProgressMode, opts: { stdoutTaken?: boolean } = {}): ProgressReporter {
   if (mode === 'off') return NONE;
+  // when standard output carries the data (convert ... -), progress goes to stderr
+  const text = opts.stdoutTaken ? process.stderr : process.stdout;
   const started = Date.now();
   if (mode === 'json') {
     let lastPct = -1;
     let last = { done: 0, total: 0 };
     const emit = (done: number, total: number) =>
-      process.stdout.write(`${JSON.stringify({ done, total, elapsed: (Date.now() - started) / 1000 })}\n`);
+      text.write(`${JSON.stringify({ done, total, elapsed: (Date.now() - started) / 1000 })}\n`);
     return {
       update(done, total) {
         last = { done, total };
@@ -81,7 +83,7 @@ export function createProgress(mode: ProgressMode): ProgressReporter {
   }
   // qemu-img's format: updates on stdout separated by \r, a newline at the end.
   let lastShown = -1;
-  const show = (pct: number) => process.stdout.write(`    (${pct.toFixed(2)}/100%)\r`);
+  const show = (pct: number) => text.write(`    (${pct.toFixed(2)}/100%)\r`);
   return {
     update(done, total) {
       const pct = total > 0 ? (done * 100) / total : 100;
@@ -92,7 +94,7 @@ export function createProgress(mode: ProgressMode): ProgressReporter {
     },
     finish() {
       if (lastShown !== 100) show(100);
-      process.stdout.write('\n');
+      text.write('\n');
     },
   };
 }

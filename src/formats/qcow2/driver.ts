@@ -3,6 +3,7 @@
  * external data file, backing file), answers block status from L1/L2 metadata and
  * reads guest data through L2 lookups, compressed clusters and the backing chain.
  */
+import { Qcow2StreamWriter } from './stream-writer.js';
 import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus, type SnapshotInfo } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
@@ -1033,4 +1034,5 @@ export const qcow2Driver: FormatDriver = {
   check: async (filename, opts) => (await import('./check.js')).checkQcow2(filename, opts),
   supportsCompression: true,
   supportsMeasure: true,
+  createStream: (out, size, options) => new Qcow2StreamWriter(out, size, options),
 };

@@ -13,6 +13,7 @@ import { allocateFile, zeroFileRange } from '../../io/allocate.js';
 import type { OptionValue } from '../../core/options.js';
 import { checkNewFileLength, writeNewFile } from '../../io/new-file.js';
 import { truncateFile } from '../../io/file.js';
+import { createRawStream, openRawStream } from './stream.js';
 
 export const rawCreateOptions: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
@@ -166,6 +167,8 @@ export const rawDriver: FormatDriver = {
   describeCreate: (size, o) => [`size=${size}`, ...(o.raw.has('preallocation') ? [`preallocation=${o.raw.get('preallocation')}`] : [])].join(' '),
   create: createRaw,
   supportsMeasure: true,
+  createStream: createRawStream,
+  openSequential: openRawStream,
   async open(file: HostFile, _ctx: OpenContext): Promise<BlockImage> {
     return new RawImage(file, file.path);
   },

@@ -2,6 +2,8 @@
  * The vmdk format driver: probing (sparse magics, text descriptors), opening (extents,
  * CIDs, the parent named by parentFileNameHint), create and check.
  */
+import { createVmdkStream } from './stream-out.js';
+import { openVmdkStream } from './stream-in.js';
 import type { BlockImage } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
@@ -45,4 +47,6 @@ export const vmdkDriver: FormatDriver = {
   create: createVmdk,
   check: checkVmdk,
   supportsCompression: true,
+  createStream: createVmdkStream,
+  openSequential: openVmdkStream,
 };
