@@ -107,6 +107,7 @@ export async function handshake(socket: Duplex, ctx: HandshakeContext): Promise<
       }
       case P.NBD_OPT_STRUCTURED_REPLY:
         if (length !== 0) await fail(P.NBD_REP_ERR_INVALID, 'STRUCTURED_REPLY takes no data');
+        else if (s.extended) await fail(P.NBD_REP_ERR_EXT_HEADER_REQD, 'extended headers already negotiated');
         else {
           s.structured = true;
           await reply(P.NBD_REP_ACK);

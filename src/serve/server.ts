@@ -5,6 +5,7 @@
  * and without `persistent` the server ends when its last client has gone.
  */
 import * as net from 'node:net';
+import { QimgError } from '../core/errors.js';
 import type { Duplex } from 'node:stream';
 import type { NbdExport } from './export.js';
 import { HANDSHAKE_TIMEOUT_MS, handshake } from './handshake.js';
@@ -49,12 +50,13 @@ export class NbdServer {
     this.server.on('connection', (socket) => this.accept(socket));
   }
 
+  /** Starts listening; a failure is qemu-nbd's message ("Failed to find an available port: ..."). */
   listen(): Promise<void> {
     return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
+      this.server.once('error', (err: NodeJS.ErrnoException) => reject(listenError(err, this.opts.address)));
       const a = this.opts.address;
       const ready = () => {
-        this.server.off('error', reject);
+        this.server.removeAllListeners('error');
         resolve();
       };
       if ('path' in a) this.server.listen(a.path, ready);
@@ -140,4 +142,18 @@ export class NbdServer {
     await this.done;
     await this.exp.drain();
   }
+}
+
+const SOCKET_ERRORS: Record<string, string> = {
+  EADDRINUSE: 'Address already in use',
+  EADDRNOTAVAIL: 'Cannot assign requested address',
+  EACCES: 'Permission denied',
+  ENOENT: 'No such file or directory',
+  ENOTDIR: 'Not a directory',
+};
+
+function listenError(err: NodeJS.ErrnoException, a: ListenAddress): QimgError {
+  const why = SOCKET_ERRORS[err.code ?? ''] ?? err.message;
+  const what = 'path' in a ? `Failed to bind socket to ${a.path}` : 'Failed to find an available port';
+  return new QimgError(`${what}: ${why}`, { file: '', cause: err });
 }

@@ -79,7 +79,15 @@ export class Transmission {
         if (req === null) break;
         if (this.stopping) break;
         if (req.type === P.NBD_CMD_DISC) break;
-        const payload = req.type === P.NBD_CMD_WRITE ? await this.readPayload(req) : undefined;
+        let payload: Buffer | undefined;
+        if (req.type === P.NBD_CMD_WRITE) payload = await this.readPayload(req);
+        else if (this.s.extended && req.flags & P.NBD_CMD_FLAG_PAYLOAD_LEN) {
+          // a payload this server never asked for: consumed (bounded), then refused
+          if (req.length > BigInt(P.NBD_MAX_PAYLOAD)) throw new ProtocolViolation('payload too large');
+          await this.s.reader.skip(Number(req.length));
+          this.sendError(req, P.NBD_EINVAL, 'this command takes no payload');
+          continue;
+        }
         const bytes = req.type === P.NBD_CMD_READ || req.type === P.NBD_CMD_WRITE ? Number(req.length <= BigInt(P.NBD_MAX_PAYLOAD) ? req.length : 0n) : 0;
         this.inFlight++;
         this.inFlightBytes += bytes;

@@ -375,7 +375,16 @@ describe.skipIf(!enabled)('qimg serve against a hostile client', () => {
     // a 64-bit read length is refused, not allocated
     c.request(P.NBD_CMD_READ, 0n, 2n ** 40n, { extended: true });
     expect((await c.chunks(true))[0].type).toBe(P.NBD_REPLY_TYPE_ERROR);
-    c.destroy();
+    // a payload on a command that takes none is consumed and refused; the stream stays in step
+    c.request(P.NBD_CMD_BLOCK_STATUS, 0n, 16n, { extended: true, flags: P.NBD_CMD_FLAG_PAYLOAD_LEN, payload: Buffer.alloc(16, 0xee) });
+    const [refused] = await c.chunks(true);
+    expect(refused.type).toBe(P.NBD_REPLY_TYPE_ERROR);
+    expect(refused.payload.readUInt32BE(0)).toBe(P.NBD_EINVAL);
+    c.request(P.NBD_CMD_READ, 512n, 512n, { extended: true, cookie: 9n });
+    expect((await c.chunks(true))[0].payload.subarray(8).equals(Buffer.alloc(512, 0x62))).toBe(true);
+    // ... and a 4 GiB one drops the client
+    c.request(P.NBD_CMD_BLOCK_STATUS, 0n, 2n ** 32n, { extended: true, flags: P.NBD_CMD_FLAG_PAYLOAD_LEN });
+    expect(await c.closedWithin(5000)).toBe(true);
   });
 
   it('keeps its memory bounded under thousands of requests whose replies are never read', async () => {

@@ -81,7 +81,7 @@ export function registerServe(program: Command, run: (file: string | undefined, 
           let server: NbdServer | undefined;
           try {
             if (snapshot) img = await openSnapshotView(base, snapshot);
-            const bitmap = opts.bitmap !== undefined ? await exportedBitmap(base, opts.bitmap, readOnly) : undefined;
+            const bitmap = opts.bitmap !== undefined ? await exportedBitmap(img, opts.bitmap, readOnly) : undefined;
             const exp = new NbdExport(img, {
               name: opts.exportName,
               description: opts.description,
