@@ -162,7 +162,7 @@ export class Transmission {
       case P.NBD_CMD_WRITE:
         if (exp.opts.readOnly) throw new NbdRequestError(P.NBD_EPERM, 'the export is read-only');
         exp.checkRange(req.offset, req.length, true);
-        await exp.write(Number(req.offset), payload!);
+        if (req.length > 0n) await exp.write(Number(req.offset), payload!);
         break;
       case P.NBD_CMD_WRITE_ZEROES:
       case P.NBD_CMD_TRIM: {
@@ -170,6 +170,7 @@ export class Transmission {
         exp.checkRange(req.offset, req.length, true);
         const offset = Number(req.offset);
         const length = Number(req.length);
+        if (length === 0) break;
         if (req.type === P.NBD_CMD_TRIM) await exp.trim(offset, length);
         else await exp.writeZeroes(offset, length, (req.flags & P.NBD_CMD_FLAG_NO_HOLE) !== 0, (req.flags & P.NBD_CMD_FLAG_FAST_ZERO) !== 0);
         break;

@@ -152,6 +152,24 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
     ok(qemuImg(['check', p('t.qcow2')]), 'check after SIGTERM');
   });
 
+  it('makes a client beyond -e wait until a slot is free', async () => {
+    const s = serveForked(['-r', '-t', '-e', '1', '-k', p('e1.sock'), p('top.qcow2')], p('e1.pid'));
+    try {
+      const { connect } = await import('node:net');
+      const { spawn } = await import('node:child_process');
+      const first = connect(p('e1.sock'));
+      await new Promise((r) => first.once('data', r)); // greeted: it holds the only slot
+      const second = spawn('qemu-img', ['info', '-f', 'raw', sock('e1.sock')], { stdio: 'ignore' });
+      const exited = new Promise<number | null>((r) => second.once('exit', (code) => r(code)));
+      const early = await Promise.race([exited, new Promise((r) => setTimeout(() => r('waiting'), 700))]);
+      expect(early).toBe('waiting');
+      first.destroy();
+      expect(await exited).toBe(0);
+    } finally {
+      await stopPid(s.pid);
+    }
+  });
+
   it('serves a VMDK, an encrypted qcow2 and an internal snapshot (-l)', async () => {
     ok(qemuImg(['convert', '-f', 'qcow2', '-O', 'vmdk', p('top.qcow2'), p('v.vmdk')]));
     const secret = ['--object', 'secret,id=sec0,data=hunter2'];
