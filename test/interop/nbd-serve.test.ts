@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { ok, qemuAvailable, qemuImg, qemuIo, retryingCalibrationSync, run, sha256File, tempDir } from '../helpers/qemu.js';
-import { nbdToolsAvailable } from '../helpers/nbd-bitmap.js';
+import { bitmapsOf, dirtyRanges, nbdToolsAvailable } from '../helpers/nbd-bitmap.js';
 import { exitsWithin, freePort, qemuNbdForked, serveForeground, serveForked, stopAll, stopPid } from '../helpers/nbd-serve.js';
 
 const hasNbdcopy = run('sh', ['-c', 'command -v nbdcopy']).status === 0;
@@ -102,6 +102,7 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
 
   it('takes writes from qemu-io and nbdcopy, exits after the last client, leaves a clean qcow2', async () => {
     ok(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', p('w.qcow2')]));
+    ok(qemuImg(['bitmap', '--add', '-g', '64k', p('w.qcow2'), 'track']));
     const s = serveForked(['-k', p('w.sock'), p('w.qcow2')], p('w.pid'));
     const nbdIo = qemuIo(['-f', 'raw', '-c', 'write -P 0x5a 100k 300k', '-c', 'write -z 2M 64k', '-c', 'discard 3M 64k', '-c', 'read -P 0x5a 100k 300k', sock('w.sock')]);
     ok(nbdIo, 'qemu-io over NBD');
@@ -110,6 +111,9 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
     expect(await exitsWithin(s.pid, 10_000)).toBe(true);
     expect(existsSync(p('w.sock'))).toBe(false);
     ok(qemuImg(['check', p('w.qcow2')]), 'check');
+    // the persistent bitmap recorded the writes and was stored consistent on close
+    expect(bitmapsOf(p('w.qcow2'))).toEqual([{ name: 'track', granularity: 65536, flags: ['auto'] }]);
+    expect(dirtyRanges(p('w.qcow2'), 'track')[0]).toEqual([65536, 393216]);
     const local = qemuIo(['-c', 'read -P 0x5a 100k 300k', '-c', 'read -P 0 2M 64k', '-c', 'read -P 0x11 0 100k', p('w.qcow2')]);
     ok(local);
     expect(local.stdout).not.toMatch(/Pattern verification failed/);
