@@ -11,6 +11,7 @@ import type { NbdExport } from './export.js';
 import { HANDSHAKE_TIMEOUT_MS, handshake } from './handshake.js';
 import type { TlsServerCreds } from './tls.js';
 import { Transmission } from './transmission.js';
+import { closeGracefully } from './wire.js';
 
 export type ListenAddress = { host: string; port: number } | { path: string };
 
@@ -90,6 +91,7 @@ export class NbdServer {
     socket.setNoDelay(true);
     socket.resume();
     const timer = setTimeout(() => socket.destroy(), HANDSHAKE_TIMEOUT_MS);
+    let broken = false;
     try {
       const session = await handshake(socket, { exp: this.exp, tls: this.opts.tls, shuttingDown: () => this.stopping });
       clearTimeout(timer);
@@ -100,11 +102,15 @@ export class NbdServer {
       }
     } catch (err) {
       // a client that broke the protocol or went away: only its connection ends
+      broken = true;
       if (process.env.QIMG_DEBUG === '1') process.stderr.write(`nbd connection closed: ${(err as Error).stack ?? String(err)}\n`);
     } finally {
       clearTimeout(timer);
-      client.current?.destroy();
-      socket.destroy();
+      // the replies already written still reach a client that reads them
+      if (broken) {
+        client.current?.destroy();
+        socket.destroy();
+      } else closeGracefully(client.current ?? socket);
       this.clients.delete(client);
       this.next();
     }

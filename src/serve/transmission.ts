@@ -7,6 +7,7 @@
 import * as P from '../io/nbd/protocol.js';
 import { NbdRequestError, nbdErrorOf, type NbdExport, type ReadChunk } from './export.js';
 import { ProtocolViolation, type Session } from './handshake.js';
+import { closeGracefully } from './wire.js';
 
 /** Requests of one connection being worked on at once. */
 const MAX_IN_FLIGHT = 64;
@@ -52,7 +53,7 @@ export class Transmission {
     this.stopping = true;
     this.wakeUp();
     await Promise.allSettled([...this.running]);
-    this.s.socket.destroy();
+    closeGracefully(this.s.socket);
   }
 
   private wakeUp(): void {

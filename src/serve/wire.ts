@@ -108,3 +108,16 @@ export function send(socket: Duplex, data: Buffer): Promise<void> {
     socket.write(data, (err) => (err ? reject(err) : resolve()));
   });
 }
+
+/** How long a closing connection may take to hand its last replies to a client. */
+const CLOSE_GRACE_MS = 2000;
+
+/**
+ * Ends a connection after the replies already written (TLS sends its close_notify);
+ * one whose client does not take them is destroyed after a grace period.
+ */
+export function closeGracefully(socket: Duplex): void {
+  if (socket.destroyed) return;
+  socket.end();
+  setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
+}
