@@ -29,10 +29,11 @@ export interface Session {
 /** The client broke the protocol: drop the connection. */
 export class ProtocolViolation extends Error {}
 
-/** The server is stopping: reply ERR_SHUTDOWN to options. */
+/** What the handshake serves: the export, TLS (required when given), the server's state. */
 export interface HandshakeContext {
   exp: NbdExport;
   tls?: TlsServerCreds;
+  /** the server is stopping: options get ERR_SHUTDOWN */
   shuttingDown(): boolean;
 }
 

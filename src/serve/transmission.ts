@@ -317,4 +317,3 @@ export class Transmission {
   }
 }
 
-export { NbdRequestError };
