@@ -7,10 +7,10 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as net from 'node:net';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ok, qemuAvailable, qemuImg, qemuIo, sha256File, tempDir } from '../helpers/qemu.js';
-import { serveForeground, stopAll, type Served } from '../helpers/nbd-serve.js';
+import { serveForeground, stopAll, stopPid, type Served } from '../helpers/nbd-serve.js';
 import * as P from '../../src/io/nbd/protocol.js';
 
 const enabled = qemuAvailable();
@@ -385,6 +385,39 @@ describe.skipIf(!enabled)('qimg serve against a hostile client', () => {
     // ... and a 4 GiB one drops the client
     c.request(P.NBD_CMD_BLOCK_STATUS, 0n, 2n ** 32n, { extended: true, flags: P.NBD_CMD_FLAG_PAYLOAD_LEN });
     expect(await c.closedWithin(5000)).toBe(true);
+  });
+
+  it('with TLS required, answers every option but STARTTLS and ABORT with TLS_REQD and drops EXPORT_NAME', async () => {
+    const pskDir = join(dir.path, 'psk');
+    mkdirSync(pskDir);
+    writeFileSync(join(pskDir, 'keys.psk'), 'qemu:00112233445566778899aabbccddeeff\n');
+    const tlsSock = join(dir.path, 'tls.sock');
+    const tls = await serveForeground(['-t', '-r', '-k', tlsSock, '--object', `tls-creds-psk,id=t0,dir=${pskDir},endpoint=server`, '--tls-creds', 't0', join(dir.path, 'ro.qcow2')], join(dir.path, 'tls.pid'));
+    try {
+      let c = await RawClient.connect(tlsSock);
+      await c.greet();
+      for (const option of [P.NBD_OPT_LIST, P.NBD_OPT_STRUCTURED_REPLY, P.NBD_OPT_INFO, P.NBD_OPT_GO, 77]) {
+        c.sendOption(option, option === P.NBD_OPT_GO || option === P.NBD_OPT_INFO ? Buffer.concat([u32(0), u16(0)]) : undefined);
+        expect((await c.optionReply()).type, `option ${option}`).toBe(P.NBD_REP_ERR_TLS_REQD);
+      }
+      c.sendOption(P.NBD_OPT_ABORT);
+      expect((await c.optionReply()).type).toBe(P.NBD_REP_ACK);
+      expect(await c.closedWithin(5000)).toBe(true);
+      c = await RawClient.connect(tlsSock);
+      await c.greet();
+      c.sendOption(P.NBD_OPT_EXPORT_NAME);
+      expect(await c.closedWithin(5000)).toBe(true);
+      // STARTTLS is acknowledged; garbage instead of a TLS handshake ends that connection only
+      c = await RawClient.connect(tlsSock);
+      await c.greet();
+      c.sendOption(P.NBD_OPT_STARTTLS);
+      expect((await c.optionReply()).type).toBe(P.NBD_REP_ACK);
+      c.write(Buffer.alloc(64, 0x42));
+      expect(await c.closedWithin(5000)).toBe(true);
+      expect(rssMiB(tls.pid)).toBeGreaterThan(0);
+    } finally {
+      await stopPid(tls.pid);
+    }
   });
 
   it('keeps its memory bounded under thousands of requests whose replies are never read', async () => {
