@@ -4,6 +4,8 @@
  * `shared` clients at once (later ones wait, unserved, until one leaves; 0 = no limit),
  * and without `persistent` the server ends when its last client has gone.
  */
+import { lstatSync, readFileSync, unlinkSync } from 'node:fs';
+import { basename, resolve } from 'node:path';
 import * as net from 'node:net';
 import { QimgError } from '../core/errors.js';
 import type { Duplex } from 'node:stream';
@@ -53,9 +55,10 @@ export class NbdServer {
 
   /** Starts listening; a failure is qemu-nbd's message ("Failed to find an available port: ..."). */
   listen(): Promise<void> {
+    const a = this.opts.address;
+    if ('path' in a) removeStaleSocket(a.path);
     return new Promise((resolve, reject) => {
       this.server.once('error', (err: NodeJS.ErrnoException) => reject(listenError(err, this.opts.address)));
-      const a = this.opts.address;
       const ready = () => {
         this.server.removeAllListeners('error');
         resolve();
@@ -162,4 +165,28 @@ function listenError(err: NodeJS.ErrnoException, a: ListenAddress): QimgError {
   const why = SOCKET_ERRORS[err.code ?? ''] ?? err.message;
   const what = 'path' in a ? `Failed to bind socket to ${a.path}` : 'Failed to find an available port';
   return new QimgError(`${what}: ${why}`, { file: '', cause: err });
+}
+
+/**
+ * A socket file no process has bound any more (its server was killed) is replaced, as
+ * QEMU replaces it; one a live process holds (Linux lists bound unix sockets in
+ * /proc/net/unix; without that list nothing is removed), and anything that is not a
+ * socket, is left for listen to report. No connection is made: a probe would count as
+ * a client of a live server.
+ */
+function removeStaleSocket(path: string): void {
+  try {
+    if (!lstatSync(path).isSocket()) return;
+    const base = basename(path);
+    const bound = readFileSync('/proc/net/unix', 'utf8')
+      .split('\n')
+      .slice(1)
+      .map((line) => line.trim().split(/\s+/)[7])
+      .filter((p): p is string => p !== undefined);
+    // a name bound relative to another directory may be this one: only a clear miss counts as stale
+    if (bound.some((p) => p === path || p === resolve(path) || basename(p) === base)) return;
+    unlinkSync(path);
+  } catch {
+    // absent (the usual case), or nothing to tell: listen reports what is wrong
+  }
 }

@@ -178,6 +178,20 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
     }
   });
 
+  it('replaces the socket file of a killed server, never a live one', async () => {
+    const first = serveForked(['-r', '-t', '-k', p('st.sock'), p('top.qcow2')], p('st1.pid'));
+    process.kill(first.pid, 'SIGKILL');
+    await exitsWithin(first.pid, 5000);
+    expect(existsSync(p('st.sock'))).toBe(true);
+    const second = serveForked(['-r', '-k', p('st.sock'), p('top.qcow2')], p('st2.pid'));
+    const { qimg } = await import('../helpers/qemu.js');
+    const third = qimg(['serve', '-r', '-k', p('st.sock'), p('top.qcow2')]);
+    expect(third.status).toBe(1);
+    expect(third.stderr).toContain('Address already in use');
+    ok(qemuImg(['info', '-f', 'raw', sock('st.sock')]), 'the live server still serves');
+    expect(await exitsWithin(second.pid, 10_000)).toBe(true);
+  });
+
   it('serves a VMDK, an encrypted qcow2 and an internal snapshot (-l)', async () => {
     ok(qemuImg(['convert', '-f', 'qcow2', '-O', 'vmdk', p('top.qcow2'), p('v.vmdk')]));
     const secret = ['--object', 'secret,id=sec0,data=hunter2'];
