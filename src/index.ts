@@ -15,6 +15,9 @@ export { imageInfo, chainInfo } from './ops/info.js';
 export { mapImage } from './ops/map.js';
 export { convert, convertToRaw, type ConvertOptions, type ConvertRequest } from './ops/convert.js';
 export { amendImage } from './ops/amend.js';
+export { NbdExport, type ExportOptions, type ExportedBitmap } from './serve/export.js';
+export { NbdServer, type ServerOptions, type ListenAddress } from './serve/server.js';
+export { TlsServerCreds, type TlsCredsSpec } from './serve/tls.js';
 
 import { prepareCreate } from './ops/create.js';
 

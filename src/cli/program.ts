@@ -15,6 +15,7 @@ import { registerCheck } from './commands/check.js';
 import { registerBitmap } from './commands/bitmap.js';
 import { registerDd } from './commands/dd.js';
 import { registerBench } from './commands/bench.js';
+import { registerServe } from './commands/serve.js';
 import { escapeLines, reportError } from './errors.js';
 import { errorText } from './output/style.js';
 import { programName } from '../core/program-name.js';
@@ -69,6 +70,7 @@ export function buildProgram(result: RunResult): Command {
   registerBitmap(program, run);
   registerDd(program, run);
   registerBench(program, run);
+  registerServe(program, run);
   for (const cmd of program.commands) {
     cmd.exitOverride().configureOutput(program.configureOutput()).allowExcessArguments(false);
   }

@@ -155,6 +155,18 @@ export interface BlockImage {
    * `readNext` then takes the bytes in order and returns fewer than asked at the end.
    */
   readonly stream?: { readonly sizeKnown: boolean; readNext?(buf: Buffer): Promise<number> };
+  /**
+   * Zeroing is recorded in metadata (qcow2 v3 zero clusters): cheap whatever the range
+   * held, so an NBD client's FAST_ZERO request may be honoured.
+   */
+  readonly zeroesInMetadata?: boolean;
+  /**
+   * The dirty bits of persistent bitmap `name` (formats that have them), for export
+   * over NBD: refused as QEMU refuses a missing or inconsistent bitmap. `bits` is the
+   * bitmap itself (bit n = byte n/8, bit n%8 covers [n*granularity, (n+1)*granularity)),
+   * kept current while the image is open; `enabled`: writes set bits.
+   */
+  dirtyBitmap?(name: string): Promise<{ granularity: number; enabled: boolean; bits: Buffer }>;
   /** Persistent dirty bitmaps stored in the image (formats that have them). */
   persistentBitmaps?(): Promise<Array<{ name: string; granularity: number }>>;
   /** Data the `info` command prints. */

@@ -338,6 +338,19 @@ export class Qcow2Image implements BlockImage {
     return { algorithm: this.header.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'deflate', clusterSize: this.geometry.clusterSize };
   }
 
+  /** Zeroing writes zero flags in L2 entries (v3), not data (BlockImage.zeroesInMetadata). */
+  get zeroesInMetadata(): boolean {
+    return this.header.version >= 3 && !this.encryption;
+  }
+
+  /** A persistent bitmap's bits (BlockImage.dirtyBitmap); an in-use one is refused. */
+  async dirtyBitmap(name: string): Promise<{ granularity: number; enabled: boolean; bits: Buffer }> {
+    const set = this.bitmapsForReading();
+    const found = await set.find(name);
+    const { bits, granularityBits } = await set.sourceBits(name);
+    return { granularity: 2 ** granularityBits, enabled: !!found?.enabled, bits };
+  }
+
   /** Persistent bitmaps record this image's writes (BlockImage.tracksWrites). */
   get tracksWrites(): boolean {
     return this.file.writable && !!this.header.bitmaps;

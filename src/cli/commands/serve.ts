@@ -1,0 +1,249 @@
+/**
+ * `qimg serve [-p PORT] [-b ADDR] [-k SOCKET] [-x NAME] [-D TEXT] [-r] [-f FMT] [-e N]
+ * [-t] [-l SNAPSHOT] [-A] [-B BITMAP] [--fork] [--pid-file PATH] [--object OBJDEF]
+ * [--tls-creds ID] [--image-opts] FILE`: serves an image over NBD with qemu-nbd's option
+ * letters and meanings, but bound to 127.0.0.1 unless -b says otherwise.
+ */
+import { spawn } from 'node:child_process';
+import { rmSync, writeFileSync } from 'node:fs';
+import type { Command } from 'commander';
+import { QimgError } from '../../core/errors.js';
+import type { BlockImage } from '../../core/block-image.js';
+import { NBD_DEFAULT_PORT } from '../../io/nbd/protocol.js';
+import { openSnapshotView, parseSnapshotParam } from '../../ops/snapshot-param.js';
+import { NbdExport, type ExportedBitmap } from '../../serve/export.js';
+import { NbdServer, type ListenAddress } from '../../serve/server.js';
+import { TlsServerCreds, type TlsCredsSpec } from '../../serve/tls.js';
+import { UsageError } from '../errors.js';
+import { ObjectError, parseKeyval, type KvDict } from '../object-options.js';
+import { addImageOptsOption, addObjectOption, withObjects } from './common.js';
+import { openResolved, resolveImage } from './image-opts.js';
+
+/** Set in the environment of the server process `--fork` starts. */
+const DAEMON_ENV = 'QIMG_SERVE_DAEMON';
+
+interface ServeFlags {
+  port?: string;
+  bind?: string;
+  socket?: string;
+  exportName: string;
+  description?: string;
+  readOnly?: boolean;
+  format?: string;
+  shared: string;
+  persistent?: boolean;
+  loadSnapshot?: string;
+  allocationDepth?: boolean;
+  bitmap?: string;
+  fork?: boolean;
+  pidFile?: string;
+  tlsCreds?: string;
+  object: string[];
+  imageOpts?: boolean;
+}
+
+export function registerServe(program: Command, run: (file: string | undefined, fn: () => Promise<number | void>) => Promise<void>): void {
+  const cmd = program
+    .command('serve')
+    .description('serve an image over NBD (qemu-nbd\'s options; listens on 127.0.0.1:10809 by default)')
+    .option('-p, --port <port>', `TCP port to listen on (default ${NBD_DEFAULT_PORT})`)
+    .option('-b, --bind <address>', 'address to listen on (default 127.0.0.1)')
+    .option('-k, --socket <path>', 'listen on this unix socket instead of TCP')
+    .option('-x, --export-name <name>', 'the export\'s name', '')
+    .option('-D, --description <text>', 'a human-readable description of the export')
+    .option('-r, --read-only', 'export read-only')
+    .option('-f, --format <fmt>', 'image format (probed when absent)')
+    .option('-e, --shared <num>', 'clients served at once (0: no limit)', '1')
+    .option('-t, --persistent', 'keep serving after the last client disconnects')
+    .option('-l, --load-snapshot <snapshot>', 'export an internal snapshot read-only: snapshot.id=ID,snapshot.name=NAME or ID_OR_NAME')
+    .option('-A, --allocation-depth', 'offer the qemu:allocation-depth metadata context')
+    .option('-B, --bitmap <name>', 'offer persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME context')
+    .option('--fork', 'start the server in the background; return once it listens')
+    .option('--pid-file <path>', 'write the server\'s process id to this file')
+    .option('--tls-creds <id>', 'require TLS with the credentials of --object tls-creds-psk|tls-creds-x509,id=ID,dir=DIR,endpoint=server');
+  addObjectOption(cmd);
+  addImageOptsOption(cmd)
+    .argument('<filename>')
+    .action((filename: string, opts: ServeFlags) =>
+      run(opts.imageOpts ? undefined : filename, async () => {
+        const { tlsSpecs, others } = splitTlsObjects(opts.object);
+        const settings = checkFlags(opts, tlsSpecs);
+        if (opts.fork && process.env[DAEMON_ENV] !== '1') return forkServer();
+        const daemon = process.env[DAEMON_ENV] === '1';
+        delete process.env[DAEMON_ENV];
+        return withObjects(others, async (secrets) => {
+          const tls = settings.tls ? TlsServerCreds.load(settings.tls) : undefined;
+          const readOnly = !!opts.readOnly || opts.loadSnapshot !== undefined;
+          const snapshot = opts.loadSnapshot !== undefined ? usage(() => parseSnapshotParam(opts.loadSnapshot!)) : undefined;
+          const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, writable: !readOnly, opensBacking: true, secrets });
+          const base = await openResolved(spec, { writable: !readOnly, secrets });
+          let img: BlockImage = base;
+          let server: NbdServer | undefined;
+          try {
+            if (snapshot) img = await openSnapshotView(base, snapshot);
+            const bitmap = opts.bitmap !== undefined ? await exportedBitmap(img, opts.bitmap, readOnly) : undefined;
+            const exp = new NbdExport(img, {
+              name: opts.exportName,
+              description: opts.description,
+              readOnly,
+              shared: settings.shared !== 1,
+              allocationDepth: !!opts.allocationDepth,
+              bitmap,
+            });
+            server = new NbdServer(exp, { address: settings.address, shared: settings.shared, persistent: !!opts.persistent, tls });
+            await server.listen();
+            const stop = () => void server!.stop();
+            process.once('SIGTERM', stop);
+            process.once('SIGINT', stop);
+            if (opts.pidFile !== undefined) writePidFile(opts.pidFile);
+            if (daemon) announceReady();
+            await server.done;
+            await server.stop();
+          } finally {
+            if (img !== base) await img.close().catch(() => undefined);
+            await base.close();
+            if (opts.pidFile !== undefined && server) rmSync(opts.pidFile, { force: true });
+          }
+        });
+      }),
+    );
+}
+
+function usage<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw err instanceof QimgError ? new UsageError(err.message) : err;
+  }
+}
+
+interface Settings {
+  address: ListenAddress;
+  shared: number;
+  tls?: TlsCredsSpec;
+}
+
+/** qemu-nbd's checks of the command line, before anything is opened. */
+function checkFlags(opts: ServeFlags, tlsSpecs: Map<string, TlsCredsSpec>): Settings {
+  let address: ListenAddress;
+  if (opts.socket !== undefined) {
+    if (opts.port !== undefined || opts.bind !== undefined) throw new UsageError('-p and -b cannot be used with -k (a unix socket)');
+    address = { path: opts.socket };
+  } else {
+    const port = opts.port === undefined ? NBD_DEFAULT_PORT : Number(opts.port);
+    if (!/^\d+$/.test(opts.port ?? '0') || !Number.isInteger(port) || port > 65535) throw new UsageError(`Invalid port '${opts.port}'`);
+    address = { host: opts.bind ?? '127.0.0.1', port };
+  }
+  const shared = Number(opts.shared);
+  if (!/^\d+$/.test(opts.shared) || !Number.isSafeInteger(shared)) throw new UsageError(`Invalid shared device number '${opts.shared}'`);
+  if (opts.exportName.length > 4096) throw new UsageError('export name is too long (more than 4096 bytes)');
+  if (opts.description !== undefined && opts.description.length > 4096) throw new UsageError('description is too long (more than 4096 bytes)');
+  let tls: TlsCredsSpec | undefined;
+  if (opts.tlsCreds !== undefined) {
+    tls = tlsSpecs.get(opts.tlsCreds);
+    if (!tls) throw new UsageError(`No TLS credentials with id '${opts.tlsCreds}'`);
+  }
+  return { address, shared, tls };
+}
+
+/** The persistent bitmap -B names, refused as qemu-nbd refuses it. */
+async function exportedBitmap(img: BlockImage, name: string, readOnly: boolean): Promise<ExportedBitmap> {
+  if (!img.dirtyBitmap || !(await img.persistentBitmaps?.())?.some((b) => b.name === name)) throw new QimgError(`Bitmap '${name}' is not found`, { file: '' });
+  const b = await img.dirtyBitmap(name);
+  if (b.enabled && !readOnly) throw new QimgError(`Enabled bitmap '${name}' incompatible with writable export`, { file: '' });
+  return { name, granularity: b.granularity, bits: b.bits };
+}
+
+/**
+ * The --object definitions of TLS credentials (which the server takes) apart from the
+ * others (secrets, created as every command creates them).
+ */
+function splitTlsObjects(defs: readonly string[]): { tlsSpecs: Map<string, TlsCredsSpec>; others: string[] } {
+  const tlsSpecs = new Map<string, TlsCredsSpec>();
+  const others: string[] = [];
+  for (const def of defs) {
+    let dict: KvDict;
+    try {
+      dict = parseKeyval(def, 'qom-type').dict;
+    } catch {
+      others.push(def); // the common parser reports it
+      continue;
+    }
+    const type = dict.get('qom-type');
+    if (type !== 'tls-creds-psk' && type !== 'tls-creds-x509') {
+      others.push(def);
+      continue;
+    }
+    const str = (key: string): string | undefined => {
+      const v = dict.get(key);
+      if (v instanceof Map) throw new ObjectError(`Parameters '${key}.*' are unexpected`);
+      return v;
+    };
+    for (const key of dict.keys()) {
+      if (!['qom-type', 'id', 'dir', 'endpoint', 'verify-peer', 'username', 'priority', 'loaded', 'sanity-check'].includes(key)) {
+        throw new ObjectError(`Parameter '${key}' is unexpected`);
+      }
+    }
+    const id = str('id');
+    if (id === undefined) throw new ObjectError("Parameter 'id' is missing");
+    const dir = str('dir');
+    if (dir === undefined) throw new ObjectError(`${type}: Missing 'dir' property value`);
+    const endpoint = str('endpoint') ?? 'client';
+    if (endpoint !== 'server' && endpoint !== 'client') throw new ObjectError(`Parameter 'endpoint' does not accept value '${endpoint}'`);
+    if (endpoint !== 'server') throw new ObjectError('Expecting TLS credentials with a server endpoint');
+    const verify = str('verify-peer') ?? 'on';
+    if (!['on', 'yes', 'true', 'y', 'off', 'no', 'false', 'n'].includes(verify)) throw new ObjectError("Parameter 'verify-peer' expects 'on' or 'off'");
+    if (tlsSpecs.has(id)) throw new ObjectError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+    tlsSpecs.set(id, { type, id, dir, verifyPeer: ['on', 'yes', 'true', 'y'].includes(verify) });
+  }
+  return { tlsSpecs, others };
+}
+
+function writePidFile(path: string): void {
+  try {
+    writeFileSync(path, `${process.pid}\n`);
+  } catch (err) {
+    throw new QimgError(`Failed to write pid file: ${(err as Error).message}`, { file: path });
+  }
+}
+
+/**
+ * --fork: runs the same command line as a detached server process and returns once it
+ * listens (its errors until then are this command's), as qemu-nbd's parent does.
+ */
+function forkServer(): Promise<number> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], {
+      env: { ...process.env, [DAEMON_ENV]: '1' },
+      detached: true,
+      stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+    });
+    let settled = false;
+    child.stderr!.on('data', (d: Buffer) => process.stderr.write(d));
+    child.on('message', (m) => {
+      if (m !== 'ready' || settled) return;
+      settled = true;
+      child.stderr!.destroy();
+      child.disconnect();
+      child.unref();
+      resolve(0);
+    });
+    child.on('exit', (code) => {
+      if (settled) return;
+      settled = true;
+      resolve(code === 0 || code === null ? 1 : code);
+    });
+    child.on('error', () => {
+      if (!settled) {
+        settled = true;
+        resolve(1);
+      }
+    });
+  });
+}
+
+/** The server process --fork started: tell the parent it listens, then leave its stderr. */
+function announceReady(): void {
+  process.stderr.on('error', () => undefined);
+  process.send?.('ready', () => process.disconnect?.());
+}

@@ -1,0 +1,273 @@
+/**
+ * One NBD export over a BlockImage: its size and transmission flags, the bounds checks
+ * every request passes, the metadata contexts it offers, and the operations the
+ * transmission phase runs. Shared by every connection to the export: writes, zeroing,
+ * trims and flushes go through one queue (in arrival order), reads run beside them.
+ */
+import type { BlockImage } from '../core/block-image.js';
+import { extentAt } from '../core/block-status.js';
+import * as P from '../io/nbd/protocol.js';
+
+/** A persistent dirty bitmap as the export reads it (live while the image is open). */
+export interface ExportedBitmap {
+  name: string;
+  granularity: number;
+  /** bit n covers bytes [n*granularity, (n+1)*granularity), bit n of byte n/8 (LSB first) */
+  bits: Buffer;
+}
+
+export interface ExportOptions {
+  name: string;
+  description?: string;
+  readOnly: boolean;
+  /** more than one client may connect (CAN_MULTI_CONN is offered only when read-only) */
+  shared: boolean;
+  allocationDepth: boolean;
+  bitmap?: ExportedBitmap;
+}
+
+/** One content piece of a read reply. */
+export type ReadChunk = { offset: number; data: Buffer } | { offset: number; hole: number };
+
+/** A block status descriptor: `length` bytes from the previous one's end with `flags`. */
+export interface StatusDescriptor {
+  length: number;
+  flags: number;
+}
+
+/** A metadata context the export offers, with the id it has on every connection. */
+export interface MetaContext {
+  id: number;
+  name: string;
+}
+
+/** At most this many descriptors per context in one reply (the spec allows fewer than asked). */
+const MAX_DESCRIPTORS = 16384;
+
+/** An operation failure carrying the NBD error to reply with. */
+export class NbdRequestError extends Error {
+  constructor(
+    readonly code: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export class NbdExport {
+  readonly size: number;
+  readonly contexts: MetaContext[];
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    readonly image: BlockImage,
+    readonly opts: ExportOptions,
+  ) {
+    this.size = image.virtualSize;
+    const names = [P.BASE_ALLOCATION];
+    if (opts.allocationDepth) names.push(P.QEMU_ALLOCATION_DEPTH);
+    if (opts.bitmap) names.push(P.QEMU_DIRTY_BITMAP_PREFIX + opts.bitmap.name);
+    this.contexts = names.map((name, i) => ({ id: i + 1, name }));
+  }
+
+  get name(): string {
+    return this.opts.name;
+  }
+
+  /** Transmission flags (structured: the client negotiated structured replies). */
+  flags(structured: boolean): number {
+    let f = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_CACHE;
+    if (this.opts.readOnly) f |= P.NBD_FLAG_READ_ONLY;
+    else f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO;
+    if (structured) f |= P.NBD_FLAG_SEND_DF;
+    // one image object serves every connection, so a read-only export is coherent
+    // across them; writes from several connections are not promised to be
+    if (this.opts.readOnly && this.opts.shared) f |= P.NBD_FLAG_CAN_MULTI_CONN;
+    return f;
+  }
+
+  /** The contexts a query selects: exact names, or (listing only) a namespace prefix. */
+  matchContexts(query: string, listing: boolean): MetaContext[] {
+    if (listing) {
+      if (query === '') return this.contexts;
+      if (query === 'base:') return this.contexts.filter((c) => c.name.startsWith('base:'));
+      if (query === 'qemu:') return this.contexts.filter((c) => c.name.startsWith('qemu:'));
+      if (query === P.QEMU_DIRTY_BITMAP_PREFIX) return this.contexts.filter((c) => c.name.startsWith(P.QEMU_DIRTY_BITMAP_PREFIX));
+    }
+    return this.contexts.filter((c) => c.name === query);
+  }
+
+  /** EINVAL for a range that leaves the export (checked without overflow: numbers are exact below 2^53). */
+  checkRange(offset: number | bigint, length: number | bigint, forWrite: boolean): void {
+    const off = BigInt(offset);
+    const len = BigInt(length);
+    if (off + len > BigInt(this.size)) {
+      // the spec asks ENOSPC for writes past the end, EINVAL for everything else
+      throw new NbdRequestError(forWrite && off <= BigInt(this.size) ? P.NBD_ENOSPC : P.NBD_EINVAL, `request [${off}, +${len}) is outside the export (size ${this.size})`);
+    }
+  }
+
+  private assertWritable(): void {
+    if (this.opts.readOnly) throw new NbdRequestError(P.NBD_EPERM, 'the export is read-only');
+  }
+
+  /** Runs a mutation after every mutation queued before it. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.queue.then(fn, fn);
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
+
+  /** Waits until every queued mutation finished (shutdown). */
+  async drain(): Promise<void> {
+    await this.queue;
+  }
+
+  /**
+   * The content of [offset, offset+length): ranges the image knows read as zeros become
+   * holes when `holes`; data ranges are read (adjacent ones as one chunk).
+   */
+  async read(offset: number, length: number, holes: boolean): Promise<ReadChunk[]> {
+    if (!holes) {
+      const data = Buffer.alloc(length);
+      if (length > 0) await this.image.read(offset, data);
+      return [{ offset, data }];
+    }
+    const spans: Array<{ offset: number; length: number; zero: boolean }> = [];
+    for (let pos = offset; pos < offset + length; ) {
+      const e = await extentAt(this.image, pos, offset + length - pos);
+      const zero = e.kind !== 'data' || !!e.knownZero;
+      const last = spans[spans.length - 1];
+      if (last && last.zero === zero) last.length += e.length;
+      else spans.push({ offset: pos, length: e.length, zero });
+      pos += e.length;
+    }
+    const out: ReadChunk[] = [];
+    for (const s of spans) {
+      if (s.zero) {
+        out.push({ offset: s.offset, hole: s.length });
+        continue;
+      }
+      const data = Buffer.alloc(s.length);
+      await this.image.read(s.offset, data);
+      out.push({ offset: s.offset, data });
+    }
+    return out;
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    this.assertWritable();
+    return this.serial(() => this.image.write(offset, data));
+  }
+
+  /** WRITE_ZEROES: `fast` (FAST_ZERO) fails with ENOTSUP unless the zeroing is cheap. */
+  writeZeroes(offset: number, length: number, noHole: boolean, fast: boolean): Promise<void> {
+    this.assertWritable();
+    return this.serial(async () => {
+      if (fast && !(await this.zeroingIsFast(offset, length))) {
+        throw new NbdRequestError(P.NBD_ENOTSUP, 'zeroing this range would not be fast');
+      }
+      await this.image.writeZeroes(offset, length, { mayUnmap: !noHole });
+    });
+  }
+
+  /**
+   * Zeroing is cheap where the range already reads as zeros from metadata, or where the
+   * format records zeros in metadata (qcow2 v3 zero clusters).
+   */
+  private async zeroingIsFast(offset: number, length: number): Promise<boolean> {
+    if (this.image.zeroesInMetadata) return true;
+    for (let pos = offset; pos < offset + length; ) {
+      const e = await extentAt(this.image, pos, offset + length - pos);
+      if (e.kind === 'data' && !e.knownZero) return false;
+      pos += e.length;
+    }
+    return true;
+  }
+
+  trim(offset: number, length: number): Promise<void> {
+    this.assertWritable();
+    return this.serial(() => this.image.discard(offset, length));
+  }
+
+  flush(): Promise<void> {
+    return this.serial(() => this.image.flush());
+  }
+
+  /** Descriptors of context `ctx` for [offset, offset+length): at most one with `one`. */
+  async blockStatus(ctx: MetaContext, offset: number, length: number, one: boolean): Promise<StatusDescriptor[]> {
+    const out: StatusDescriptor[] = [];
+    const limit = one ? 1 : MAX_DESCRIPTORS;
+    const push = (len: number, flags: number): boolean => {
+      const last = out[out.length - 1];
+      if (last && last.flags === flags) last.length += len;
+      else {
+        if (out.length >= limit) return false;
+        out.push({ length: len, flags });
+      }
+      return true;
+    };
+    if (ctx.name.startsWith(P.QEMU_DIRTY_BITMAP_PREFIX)) {
+      this.bitmapStatus(offset, length, push);
+      return out;
+    }
+    const depthContext = ctx.name === P.QEMU_ALLOCATION_DEPTH;
+    for (let pos = offset; pos < offset + length; ) {
+      const e = await extentAt(this.image, pos, offset + length - pos);
+      const flags = depthContext
+        ? e.present
+          ? e.depth + 1
+          : 0
+        : (e.data ? 0 : P.NBD_STATE_HOLE) | (e.zero || e.knownZero ? P.NBD_STATE_ZERO : 0);
+      if (!push(e.length, flags)) break;
+      pos += e.length;
+    }
+    return out;
+  }
+
+  /** Runs of equal bits of the exported bitmap over [offset, offset+length). */
+  private bitmapStatus(offset: number, length: number, push: (len: number, flags: number) => boolean): void {
+    const { granularity: g, bits } = this.opts.bitmap!;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      let n = Math.floor(pos / g);
+      const dirty = (bits[n >> 3] >> (n & 7)) & 1;
+      n++;
+      // whole bytes of the same bit value are skipped at once
+      const same = dirty ? 0xff : 0x00;
+      while (n * g < end) {
+        if ((n & 7) === 0 && bits[n >> 3] === same && (n + 8) * g <= end) {
+          n += 8;
+          continue;
+        }
+        if (((bits[n >> 3] >> (n & 7)) & 1) !== dirty) break;
+        n++;
+      }
+      const next = Math.min(end, n * g);
+      if (!push(next - pos, dirty ? P.NBD_STATE_DIRTY : 0)) return;
+      pos = next;
+    }
+  }
+}
+
+/** The NBD error for a failed image operation. */
+export function nbdErrorOf(err: unknown): number {
+  if (err instanceof NbdRequestError) return err.code;
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  const cause = ((err as { cause?: NodeJS.ErrnoException } | undefined)?.cause)?.code;
+  switch (code ?? cause) {
+    case 'ENOSPC':
+    case 'EDQUOT':
+    case 'EFBIG':
+      return P.NBD_ENOSPC;
+    case 'EPERM':
+    case 'EACCES':
+    case 'EROFS':
+      return P.NBD_EPERM;
+    case 'ENOMEM':
+      return P.NBD_ENOMEM;
+    default:
+      return P.NBD_EIO;
+  }
+}

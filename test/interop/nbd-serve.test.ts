@@ -1,0 +1,307 @@
+/**
+ * `qimg serve` against real NBD clients: qemu-img, qemu-io, nbdinfo and nbdcopy, with
+ * qemu-nbd serving the same image as the reference for every answer that can differ
+ * (map, contexts, flags).
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { ok, qemuAvailable, qemuImg, qemuIo, retryingCalibrationSync, run, sha256File, tempDir } from '../helpers/qemu.js';
+import { bitmapsOf, dirtyRanges, nbdToolsAvailable } from '../helpers/nbd-bitmap.js';
+import { exitsWithin, freePort, qemuNbdForked, serveForeground, serveForked, stopAll, stopPid } from '../helpers/nbd-serve.js';
+
+const hasNbdcopy = run('sh', ['-c', 'command -v nbdcopy']).status === 0;
+if (!hasNbdcopy && process.env.CI === 'true') throw new Error('nbdcopy is required under CI=true (install libnbd-bin)');
+const enabled = qemuAvailable() && nbdToolsAvailable() && hasNbdcopy;
+
+const MiB = 1024 * 1024;
+let dir: { path: string; cleanup: () => void };
+const p = (name: string) => join(dir.path, name);
+const sock = (name: string) => `nbd+unix:///?socket=${p(name)}`;
+
+/** nbdinfo --map output as [offset, length, type] with adjacent equal types merged. */
+function nbdMap(uri: string, context?: string): Array<[number, number, number]> {
+  const out = ok(run('nbdinfo', ['--json', context ? `--map=${context}` : '--map', uri]), `nbdinfo --map ${uri}`).stdout;
+  const merged: Array<[number, number, number]> = [];
+  for (const e of JSON.parse(out) as Array<{ offset: number; length: number; type: number }>) {
+    const last = merged[merged.length - 1];
+    if (last && last[2] === e.type && last[0] + last[1] === e.offset) last[1] += e.length;
+    else merged.push([e.offset, e.length, e.type]);
+  }
+  return merged;
+}
+
+/** nbdinfo --json of the export, without the fields naming the server's address. */
+function nbdInfo(uri: string): Record<string, unknown> {
+  const info = JSON.parse(ok(run('nbdinfo', ['--json', uri]), `nbdinfo ${uri}`).stdout);
+  const exp = info.exports[0];
+  delete exp.uri;
+  return exp;
+}
+
+describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
+  beforeAll(() => {
+    dir = tempDir('qimg-serve-');
+    // a backing chain with data in both layers, zeros in the top, and a persistent bitmap
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', p('base.qcow2'), '4M']));
+    ok(qemuIo(['-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x22 2M 64k', p('base.qcow2')]));
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', p('top.qcow2')]));
+    ok(qemuIo(['-c', 'write -P 0x33 512k 128k', '-c', 'write -z 3M 64k', '-c', 'write -P 0x44 3520k 64k', p('top.qcow2')]));
+    ok(qemuImg(['bitmap', '--add', p('top.qcow2'), 'b0']));
+    ok(qemuIo(['-c', 'write -P 0x55 64k 64k', '-c', 'write -P 0x66 1M 192k', p('top.qcow2')]));
+    ok(qemuImg(['bitmap', '--disable', p('top.qcow2'), 'b0']));
+  });
+  afterAll(async () => {
+    await stopAll();
+    dir?.cleanup();
+  });
+
+  it('answers qemu-img, nbdinfo and nbdcopy on a read-only backing chain as qemu-nbd does', async () => {
+    const port = await freePort();
+    const qimgUri = `nbd://127.0.0.1:${port}`;
+    const s = serveForked(['-r', '-t', '-A', '-B', 'b0', '-e', '2', '-p', String(port), '-D', 'the top', p('top.qcow2')], p('s1.pid'));
+    const q = qemuNbdForked(['-r', '-t', '-A', '-B', 'b0', '-e', '2', '-f', 'qcow2', '-D', 'the top', '-k', p('q1.sock'), p('top.qcow2')], p('q1.pid'));
+    try {
+      const info = ok(qemuImg(['info', qimgUri])).stdout;
+      expect(info).toContain('virtual size: 4 MiB (4194304 bytes)');
+      const mapOf = (uri: string) => JSON.parse(ok(qemuImg(['map', '--output=json', uri])).stdout);
+      expect(mapOf(qimgUri)).toEqual(mapOf(sock('q1.sock')));
+      ok(qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', qimgUri, p('top.qcow2')]), 'compare');
+      ok(qemuImg(['convert', '-O', 'raw', qimgUri, p('copy1.raw')]));
+      ok(qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', p('copy1.raw'), p('top.qcow2')]), 'compare of the convert');
+
+      const mine = nbdInfo(qimgUri);
+      expect(mine).toEqual(nbdInfo(sock('q1.sock')));
+      expect(mine['is_read_only']).toBe(true);
+      expect(mine['can_multi_conn']).toBe(true);
+      expect(mine['description']).toBe('the top');
+      expect(mine['contexts']).toEqual(['base:allocation', 'qemu:allocation-depth', 'qemu:dirty-bitmap:b0']);
+      for (const ctx of [undefined, 'qemu:allocation-depth', 'qemu:dirty-bitmap:b0']) {
+        expect(nbdMap(qimgUri, ctx), ctx ?? 'base:allocation').toEqual(nbdMap(sock('q1.sock'), ctx));
+      }
+      expect(nbdMap(qimgUri, 'qemu:dirty-bitmap:b0').filter((e) => e[2] === 1)).toEqual([
+        [65536, 65536, 1],
+        [MiB, 192 * 1024, 1],
+      ]);
+
+      // nbdcopy export → file; two connections at once are allowed (-e 2)
+      ok(run('nbdcopy', ['-C', '2', qimgUri, p('copy2.raw')]), 'nbdcopy');
+      expect(sha256File(p('copy2.raw'))).toBe(sha256File(p('copy1.raw')));
+
+      // writes are refused on a read-only export
+      const w = qemuIo(['-f', 'raw', '-c', 'write -P 0x77 0 4k', qimgUri]);
+      expect(w.stdout + w.stderr).toMatch(/Operation not permitted|read-only|Permission denied/i);
+      // -t: still serving after all of that
+      expect(existsSync(`/proc/${s.pid}`)).toBe(true);
+    } finally {
+      await stopPid(s.pid);
+      await stopPid(q.pid);
+    }
+  });
+
+  it('takes writes from qemu-io and nbdcopy, exits after the last client, leaves a clean qcow2', async () => {
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', p('w.qcow2')]));
+    ok(qemuImg(['bitmap', '--add', '-g', '64k', p('w.qcow2'), 'track']));
+    const s = serveForked(['-k', p('w.sock'), p('w.qcow2')], p('w.pid'));
+    const nbdIo = qemuIo(['-f', 'raw', '-c', 'write -P 0x5a 100k 300k', '-c', 'write -z 2M 64k', '-c', 'discard 3M 64k', '-c', 'read -P 0x5a 100k 300k', sock('w.sock')]);
+    ok(nbdIo, 'qemu-io over NBD');
+    expect(nbdIo.stdout).not.toMatch(/Pattern verification failed/);
+    // without -t the server ends with its only client
+    expect(await exitsWithin(s.pid, 10_000)).toBe(true);
+    expect(existsSync(p('w.sock'))).toBe(false);
+    ok(qemuImg(['check', p('w.qcow2')]), 'check');
+    // the persistent bitmap recorded the writes and was stored consistent on close
+    expect(bitmapsOf(p('w.qcow2'))).toEqual([{ name: 'track', granularity: 65536, flags: ['auto'] }]);
+    expect(dirtyRanges(p('w.qcow2'), 'track')[0]).toEqual([65536, 393216]);
+    const local = qemuIo(['-c', 'read -P 0x5a 100k 300k', '-c', 'read -P 0 2M 64k', '-c', 'read -P 0x11 0 100k', p('w.qcow2')]);
+    ok(local);
+    expect(local.stdout).not.toMatch(/Pattern verification failed/);
+
+    // nbdcopy file → writable export, then the image holds the file's bytes
+    const data = Buffer.alloc(4 * MiB);
+    randomBytes(MiB).copy(data, MiB);
+    writeFileSync(p('in.raw'), data);
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', p('w2.qcow2'), '4M']));
+    const port = await freePort();
+    const s2 = serveForked(['-p', String(port), p('w2.qcow2')], p('w2.pid'));
+    ok(run('nbdcopy', ['-C', '1', p('in.raw'), `nbd://127.0.0.1:${port}`]), 'nbdcopy to the export');
+    expect(await exitsWithin(s2.pid, 10_000)).toBe(true);
+    ok(qemuImg(['check', p('w2.qcow2')]));
+    ok(qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', p('in.raw'), p('w2.qcow2')]));
+  });
+
+  it('keeps serving with -t, serves two clients at once with -e 2, and exits 0 on SIGTERM mid-write with a clean image', async () => {
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', p('t.qcow2'), '32M']));
+    writeFileSync(p('big.raw'), randomBytes(32 * MiB));
+    const s = await serveForeground(['-t', '-e', '2', '-k', p('t.sock'), p('t.qcow2')], p('t.pid'));
+    for (let i = 0; i < 2; i++) ok(qemuImg(['info', '-f', 'raw', sock('t.sock')]), `info ${i}`);
+    // the served image is locked as qemu-nbd locks it
+    const locked = qemuImg(['info', p('t.qcow2')]);
+    expect(locked.status).not.toBe(0);
+    expect(locked.stderr).toMatch(/lock/);
+    const mine = nbdInfo(sock('t.sock'));
+    expect(mine['is_read_only']).toBe(false);
+    expect(mine['can_multi_conn']).toBe(false);
+    // two clients at once: a qemu-io holding the export while another connects
+    const { spawn } = await import('node:child_process');
+    const holder = spawn('qemu-io', ['-f', 'raw', sock('t.sock')], { stdio: ['pipe', 'pipe', 'pipe'] });
+    await new Promise((r) => setTimeout(r, 300));
+    ok(qemuImg(['info', '-f', 'raw', sock('t.sock')]), 'a second client while the first is connected');
+    holder.stdin.end('quit\n');
+    await new Promise((r) => holder.once('exit', r));
+    // a long copy into the export, interrupted by SIGTERM
+    const writer = spawn('qemu-img', ['convert', '-r', '16M', '-n', '-f', 'raw', '-O', 'raw', p('big.raw'), sock('t.sock')], { stdio: 'ignore' });
+    await new Promise((r) => setTimeout(r, 400));
+    process.kill(s.pid, 'SIGTERM');
+    expect(await s.exit).toBe(0);
+    const writerCode = await new Promise((r) => (writer.exitCode !== null ? r(writer.exitCode) : writer.once('exit', r)));
+    expect(writerCode, 'the copy (2 s at 16 MiB/s) was cut short').not.toBe(0);
+    ok(qemuImg(['check', p('t.qcow2')]), 'check after SIGTERM');
+  });
+
+  it('makes a client beyond -e wait until a slot is free', async () => {
+    const s = serveForked(['-r', '-t', '-e', '1', '-k', p('e1.sock'), p('top.qcow2')], p('e1.pid'));
+    try {
+      const { connect } = await import('node:net');
+      const { spawn } = await import('node:child_process');
+      const first = connect(p('e1.sock'));
+      await new Promise((r) => first.once('data', r)); // greeted: it holds the only slot
+      const second = spawn('qemu-img', ['info', '-f', 'raw', sock('e1.sock')], { stdio: 'ignore' });
+      const exited = new Promise<number | null>((r) => second.once('exit', (code) => r(code)));
+      const early = await Promise.race([exited, new Promise((r) => setTimeout(() => r('waiting'), 700))]);
+      expect(early).toBe('waiting');
+      first.destroy();
+      expect(await exited).toBe(0);
+    } finally {
+      await stopPid(s.pid);
+    }
+  });
+
+  it('replaces the socket file of a killed server, never a live one', async () => {
+    const first = serveForked(['-r', '-t', '-k', p('st.sock'), p('top.qcow2')], p('st1.pid'));
+    process.kill(first.pid, 'SIGKILL');
+    await exitsWithin(first.pid, 5000);
+    expect(existsSync(p('st.sock'))).toBe(true);
+    const second = serveForked(['-r', '-k', p('st.sock'), p('top.qcow2')], p('st2.pid'));
+    const { qimg } = await import('../helpers/qemu.js');
+    const third = qimg(['serve', '-r', '-k', p('st.sock'), p('top.qcow2')]);
+    expect(third.status).toBe(1);
+    expect(third.stderr).toContain('Address already in use');
+    ok(qemuImg(['info', '-f', 'raw', sock('st.sock')]), 'the live server still serves');
+    expect(await exitsWithin(second.pid, 10_000)).toBe(true);
+  });
+
+  it('serves a VMDK, an encrypted qcow2 and an internal snapshot (-l)', async () => {
+    ok(qemuImg(['convert', '-f', 'qcow2', '-O', 'vmdk', p('top.qcow2'), p('v.vmdk')]));
+    const secret = ['--object', 'secret,id=sec0,data=hunter2'];
+    // (qemu 7.2's PBKDF calibration fails now and then on VMs: retried)
+    ok(retryingCalibrationSync(() => qemuImg(['create', '-q', ...secret, '-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10', p('e.qcow2'), '4M'])));
+    ok(qemuIo([...secret, '--image-opts', '-c', 'write -P 0x5e 1M 256k', `driver=qcow2,file.filename=${p('e.qcow2')},encrypt.key-secret=sec0`]));
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', p('snap.qcow2'), '4M']));
+    ok(qemuIo(['-c', 'write -P 0x01 0 1M', p('snap.qcow2')]));
+    ok(qemuImg(['snapshot', '-c', 's1', p('snap.qcow2')]));
+    ok(qemuIo(['-c', 'write -P 0x02 0 2M', p('snap.qcow2')]));
+
+    const v = serveForked(['-r', '-k', p('v.sock'), p('v.vmdk')], p('v.pid'));
+    ok(qemuImg(['compare', '-f', 'raw', '-F', 'vmdk', sock('v.sock'), p('v.vmdk')]), 'vmdk compare');
+    await exitsWithin(v.pid, 10_000);
+
+    const e = serveForked(['-r', '-k', p('e.sock'), ...secret, '--image-opts', `driver=qcow2,file.filename=${p('e.qcow2')},encrypt.key-secret=sec0`], p('e.pid'));
+    ok(qemuImg(['convert', '-O', 'raw', sock('e.sock'), p('e-nbd.raw')]));
+    await exitsWithin(e.pid, 10_000);
+    ok(qemuImg(['convert', ...secret, '--image-opts', '-O', 'raw', `driver=qcow2,file.filename=${p('e.qcow2')},encrypt.key-secret=sec0`, p('e-local.raw')]));
+    expect(sha256File(p('e-nbd.raw'))).toBe(sha256File(p('e-local.raw')));
+
+    for (const [i, param] of ['s1', 'snapshot.name=s1'].entries()) {
+      const l = serveForked(['-t', '-l', param, '-k', p(`l${i}.sock`), p('snap.qcow2')], p(`l${i}.pid`));
+      expect(nbdInfo(sock(`l${i}.sock`))['is_read_only']).toBe(true);
+      ok(qemuImg(['convert', '-O', 'raw', sock(`l${i}.sock`), p(`l${i}.raw`)]));
+      await stopPid(l.pid);
+    }
+    ok(qemuImg(['convert', '-l', 's1', '-O', 'raw', p('snap.qcow2'), p('l-ref.raw')]));
+    expect(sha256File(p('l0.raw'))).toBe(sha256File(p('l-ref.raw')));
+    expect(sha256File(p('l1.raw'))).toBe(sha256File(p('l-ref.raw')));
+  });
+
+  it('speaks TLS with PSK and x509 credentials and refuses clients without TLS', async () => {
+    mkdirSync(p('psk'));
+    writeFileSync(p('psk/keys.psk'), `alice:${randomBytes(32).toString('hex')}\n`);
+    const port = await freePort();
+    const s = serveForked(['-r', '-t', '-p', String(port), '--object', `tls-creds-psk,id=tls0,dir=${p('psk')},endpoint=server`, '--tls-creds', 'tls0', p('top.qcow2')], p('psk.pid'));
+    try {
+      const info = qemuImg(['info', '--object', `tls-creds-psk,id=tls0,dir=${p('psk')},endpoint=client,username=alice`, '--image-opts', `driver=nbd,host=127.0.0.1,port=${port},tls-creds=tls0`]);
+      ok(info, 'qemu-img over TLS-PSK');
+      expect(info.stdout).toContain('virtual size: 4 MiB (4194304 bytes)');
+      const plain = qemuImg(['info', `nbd://127.0.0.1:${port}`]);
+      expect(plain.status).not.toBe(0);
+      expect(plain.stderr).toMatch(/TLS/);
+    } finally {
+      await stopPid(s.pid);
+    }
+
+    // x509: a CA, a server certificate for 127.0.0.1 and a client certificate
+    const x = p('x509');
+    for (const d of ['', '/srv', '/cli', '/nocert']) mkdirSync(x + d, { recursive: true });
+    writeFileSync(
+      `${x}/ext.cnf`,
+      [
+        '[ca]',
+        'basicConstraints=critical,CA:TRUE',
+        'keyUsage=critical,keyCertSign,cRLSign',
+        '[srv]',
+        'basicConstraints=critical,CA:FALSE',
+        'keyUsage=critical,digitalSignature,keyEncipherment',
+        'extendedKeyUsage=serverAuth',
+        'subjectAltName=IP:127.0.0.1,DNS:localhost',
+        '[cli]',
+        'basicConstraints=critical,CA:FALSE',
+        'keyUsage=critical,digitalSignature,keyEncipherment',
+        'extendedKeyUsage=clientAuth',
+        '',
+      ].join('\n'),
+    );
+    const openssl = (args: string[]) => ok(run('openssl', args, { cwd: x }), `openssl ${args[0]}`);
+    openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca-key.pem', '-out', 'ca-cert.pem', '-days', '2', '-subj', '/CN=qimg test CA', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
+    for (const [who, cert, key] of [['srv', 'server-cert.pem', 'server-key.pem'], ['cli', 'client-cert.pem', 'client-key.pem']]) {
+      openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', `${who}/${key}`, '-out', `${who}.csr`, '-subj', `/CN=${who}`]);
+      openssl(['x509', '-req', '-in', `${who}.csr`, '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-out', `${who}/${cert}`, '-days', '2', '-extfile', 'ext.cnf', '-extensions', who]);
+      writeFileSync(`${x}/${who}/ca-cert.pem`, readFileSync(`${x}/ca-cert.pem`));
+    }
+    writeFileSync(`${x}/nocert/ca-cert.pem`, readFileSync(`${x}/ca-cert.pem`));
+    const port2 = await freePort();
+    const s2 = serveForked(['-r', '-t', '-p', String(port2), '--object', `tls-creds-x509,id=tls0,dir=${x}/srv,endpoint=server`, '--tls-creds', 'tls0', p('top.qcow2')], p('x509.pid'));
+    try {
+      const client = (d: string) => qemuImg(['info', '--object', `tls-creds-x509,id=tls0,dir=${x}/${d},endpoint=client`, '--image-opts', `driver=nbd,host=127.0.0.1,port=${port2},tls-creds=tls0`]);
+      const good = client('cli');
+      ok(good, 'qemu-img over TLS-x509');
+      expect(good.stdout).toContain('virtual size: 4 MiB (4194304 bytes)');
+      // verify-peer (QEMU's default): a client without a certificate is refused
+      expect(client('nocert').status).not.toBe(0);
+      expect(qemuImg(['info', `nbd://127.0.0.1:${port2}`]).status).not.toBe(0);
+      ok(qemuImg(['info', '--object', `tls-creds-x509,id=tls0,dir=${x}/cli,endpoint=client`, '--image-opts', `driver=nbd,host=127.0.0.1,port=${port2},tls-creds=tls0`]), 'still serving');
+    } finally {
+      await stopPid(s2.pid);
+    }
+  });
+
+  it('refuses bad command lines with one line', async () => {
+    const { qimg } = await import('../helpers/qemu.js');
+    const missing = qimg(['serve', '-k', p('never.sock'), p('missing.qcow2')]);
+    expect(missing.status).toBe(1);
+    expect(missing.stderr.trim().split('\n')).toHaveLength(1);
+    const bitmap = qimg(['serve', '-r', '-k', p('never.sock'), '-B', 'nope', p('top.qcow2')]);
+    expect(bitmap.status).toBe(1);
+    expect(bitmap.stderr).toContain("Bitmap 'nope' is not found");
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', p('en.qcow2'), '1M']));
+    ok(qemuImg(['bitmap', '--add', p('en.qcow2'), 'live']));
+    const enabledBitmap = qimg(['serve', '-k', p('never.sock'), '-B', 'live', p('en.qcow2')]);
+    expect(enabledBitmap.status).toBe(1);
+    expect(enabledBitmap.stderr).toContain("Enabled bitmap 'live' incompatible with writable export");
+    const tls = qimg(['serve', '-k', p('never.sock'), '--tls-creds', 'x', p('top.qcow2')]);
+    expect(tls.status).toBe(1);
+    const forked = qimg(['serve', '--fork', '-k', p('never.sock'), p('missing.qcow2')]);
+    expect(forked.status).toBe(1);
+    expect(forked.stderr).toContain('missing.qcow2');
+  });
+});
