@@ -10,7 +10,7 @@ import { findDriver, probeDriver, type FormatDriver } from './driver.js';
 import { QimgError } from './errors.js';
 import { CacheBudget } from './cache-budget.js';
 import { backingImageOptions, type ImageOptions, type SecretStore } from './secrets.js';
-import { assertReferenceAllowed } from './open-policy.js';
+import { assertReferenceAllowed, untrustedMode } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
 import { isRemoteName, openRemote } from '../io/remote.js';
@@ -95,7 +95,8 @@ export function resolveRelative(name: string, imagePath: string): string {
  * and the name without normalising ("sub/../base.qcow2").
  */
 export function joinBackingName(name: string, imagePath: string): string {
-  if (isAbsolute(name)) return name;
+  // an export's name is complete in itself (no directory to be relative to)
+  if (isAbsolute(name) || isRemoteName(name)) return name;
   const slash = imagePath.lastIndexOf('/');
   return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
 }
@@ -263,6 +264,9 @@ async function openBackingOf(
   chain: string[],
 ): Promise<BlockImage> {
   const path = resolveRelative(name, from);
+  if (isRemoteName(path) && untrustedMode()) {
+    throw new QimgError(`backing file '${path}' is on another host (refused for untrusted images)`, { file: from });
+  }
   assertReferenceAllowed(path, from, 'backing file');
   try {
     return await openInChain(path, format, { ...options, writable: false, imageOptions: backingImageOptions(options.imageOptions) }, chain);

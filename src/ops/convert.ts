@@ -12,6 +12,7 @@ import type { ImageOptions, SecretStore } from '../core/secrets.js';
 import type { ParsedOptions } from '../core/options.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
+import { isRemoteName } from '../io/remote.js';
 import { checkSourceBitmaps, checkTargetBitmaps, copyBitmaps } from './bitmap-copy.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
 
@@ -144,7 +145,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
         await prepared.run();
         // only now is the output this run's: a create refused (an image in use, such as
         // the source itself) leaves the file that was there alone
-        created = !device;
+        created = !device && !isRemoteName(req.output);
       } catch (err) {
         // qemu-img: "OUT: error while converting FMT: <the driver's message>"
         if (err instanceof QimgError) throw new QimgError(`error while converting ${req.outputFormat}: ${err.message}`, { file: req.output, cause: err });
@@ -161,7 +162,8 @@ export async function convert(req: ConvertRequest): Promise<void> {
     const opts: CopyOptions = {
       sparseSize: req.sparseSize ?? 4096,
       // a new luks target reads as noise, not zeros: its zero ranges are written (as qemu-img)
-      targetIsZero: !req.noCreate ? req.backingFile === undefined && !findDriver(req.outputFormat)?.noZeroInit : !!req.targetIsZero,
+      // an export "created" keeps its old contents: only a new local file reads as zeros
+      targetIsZero: !req.noCreate ? req.backingFile === undefined && !findDriver(req.outputFormat)?.noZeroInit && !isRemoteName(req.output) : !!req.targetIsZero,
       topOnly: req.backingFile !== undefined,
       // Compression is the bottleneck of -c: reading further ahead than the workers
       // can take only holds more buffers (peak memory), so -c reads 4 ahead unless -m says.

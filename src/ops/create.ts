@@ -10,6 +10,8 @@ import { openImage, resolveRelative } from '../core/open.js';
 import { parseOptions, type ParsedOptions } from '../core/options.js';
 import { INT64_MAX, parseImageSize, roundToSectors } from '../core/size.js';
 import type { SecretStore } from '../core/secrets.js';
+import { isRemoteName } from '../io/remote.js';
+import { createOnRemote } from './create-remote.js';
 
 export interface CreateRequest {
   filename: string;
@@ -121,7 +123,8 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
       const refusal = hugeSizeRefusal(driver.name, rounded);
       if (refusal) throw new QimgError(refusal, { file });
       try {
-        await driver.create!(file, Number(rounded), options.values, { secrets: req.secrets });
+        if (isRemoteName(file)) await createOnRemote(driver, file, Number(rounded), options.values);
+        else await driver.create!(file, Number(rounded), options.values, { secrets: req.secrets });
       } catch (err) {
         throw err instanceof QimgError && err.file === undefined ? new QimgError(err.message, { file, cause: err }) : err;
       }
