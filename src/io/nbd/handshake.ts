@@ -77,16 +77,9 @@ export async function negotiate(socket: Socket, reader: ByteReader, exportName: 
   socket.write(clientFlags);
 
   const options = new OptionChannel(socket, reader);
-  let extendedHeaders = false;
-  let structuredReplies = false;
-  {
-    const reply = await options.simple(NBD_OPT_EXTENDED_HEADERS);
-    extendedHeaders = reply === NBD_REP_ACK;
-  }
-  if (!extendedHeaders) {
-    const reply = await options.simple(NBD_OPT_STRUCTURED_REPLY);
-    structuredReplies = reply === NBD_REP_ACK;
-  }
+  // extended headers when offered (they include structured replies), else structured replies
+  const extendedHeaders = (await options.simple(NBD_OPT_EXTENDED_HEADERS)) === NBD_REP_ACK;
+  const structuredReplies = !extendedHeaders && (await options.simple(NBD_OPT_STRUCTURED_REPLY)) === NBD_REP_ACK;
   const allocationContext = extendedHeaders || structuredReplies ? await setMetaContext(options, exportName) : undefined;
   const result = await go(options, exportName, noZeroes);
   if (!result) {
