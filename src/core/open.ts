@@ -95,10 +95,19 @@ export function resolveRelative(name: string, imagePath: string): string {
  * and the name without normalising ("sub/../base.qcow2").
  */
 export function joinBackingName(name: string, imagePath: string): string {
-  // an export's name is complete in itself (no directory to be relative to)
-  if (isAbsolute(name) || isRemoteName(name)) return name;
+  // an export's name is complete in itself, and has no directory others are relative to
+  if (isAbsolute(name) || isRemoteName(name) || isRemoteName(imagePath)) return name;
   const slash = imagePath.lastIndexOf('/');
   return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
+}
+
+/**
+ * full-backing-filename as `info` shows it: undefined when it cannot be known (a
+ * relative name in an image on an NBD export: qemu's "cannot determine actual path").
+ */
+export function fullBackingName(name: string, imagePath: string): string | undefined {
+  if (isRemoteName(imagePath) && !isAbsolute(name) && !isRemoteName(name)) return undefined;
+  return joinBackingName(name, imagePath);
 }
 
 export async function openImage(filename: string, options: OpenOptions = {}): Promise<BlockImage> {
@@ -263,6 +272,9 @@ async function openBackingOf(
   options: OpenOptions,
   chain: string[],
 ): Promise<BlockImage> {
+  if (isRemoteName(from) && !isAbsolute(name) && !isRemoteName(name)) {
+    throw new QimgError(`Could not open '${from}': Cannot generate a base directory for NBD nodes`, { file: from });
+  }
   const path = resolveRelative(name, from);
   if (isRemoteName(path) && untrustedMode()) {
     throw new QimgError(`backing file '${path}' is on another host (refused for untrusted images)`, { file: from });

@@ -13,6 +13,7 @@ import type { ParsedOptions } from '../core/options.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
 import { isRemoteName } from '../io/remote.js';
+import { remoteZeroInit } from './create-remote.js';
 import { checkSourceBitmaps, checkTargetBitmaps, copyBitmaps } from './bitmap-copy.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
 
@@ -162,8 +163,10 @@ export async function convert(req: ConvertRequest): Promise<void> {
     const opts: CopyOptions = {
       sparseSize: req.sparseSize ?? 4096,
       // a new luks target reads as noise, not zeros: its zero ranges are written (as qemu-img)
-      // an export "created" keeps its old contents: only a new local file reads as zeros
-      targetIsZero: !req.noCreate ? req.backingFile === undefined && !findDriver(req.outputFormat)?.noZeroInit && !isRemoteName(req.output) : !!req.targetIsZero,
+      // a raw image "created" on an export keeps the export's old contents
+      targetIsZero: !req.noCreate
+        ? req.backingFile === undefined && !findDriver(req.outputFormat)?.noZeroInit && (!isRemoteName(req.output) || remoteZeroInit(req.outputFormat))
+        : !!req.targetIsZero,
       topOnly: req.backingFile !== undefined,
       // Compression is the bottleneck of -c: reading further ahead than the workers
       // can take only holds more buffers (peak memory), so -c reads 4 ahead unless -m says.

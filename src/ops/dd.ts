@@ -22,6 +22,7 @@ import type { ImageOptions, SecretStore } from '../core/secrets.js';
 import { copyImages } from './copy-engine.js';
 import { prepareCreate } from './create.js';
 import { isRemoteName } from '../io/remote.js';
+import { remoteZeroInit } from './create-remote.js';
 import { NeverWritable } from '../core/read-only-image.js';
 
 export interface DdRequest {
@@ -116,7 +117,7 @@ export async function dd(req: DdRequest): Promise<void> {
       await copyImages([windowOf(input, range.start, length)], target, {
         sparseSize: 4096,
         // a new image reads as zeros, except where a format gives no such promise (luks) or on a device
-        targetIsZero: !device && !driver.noZeroInit,
+        targetIsZero: !device && !driver.noZeroInit && (!isRemoteName(req.output) || remoteZeroInit(driver.name)),
         parallel: 8,
         targetGranularity: target.allocationUnit,
       });

@@ -103,7 +103,7 @@ describe.skipIf(!enabled)('NBD client against qemu-nbd and nbdkit', () => {
     expect(ok(qimg(['compare', '-f', 'qcow2', '-F', 'qcow2', srv.uri, f('base.qcow2')])).stdout).toContain('Images are identical.');
   });
 
-  it('writes to a writable export: convert -n, convert onto it, commit and rebase with the export as backing', () => {
+  it('writes to a writable export: convert -n, raw and qcow2 created on it, commit and rebase with the export as backing', () => {
     ok(qemuImg(['create', '-f', 'raw', f('target.raw'), '4M']));
     ok(qemuIo(['-f', 'raw', '-c', 'write -P 0x99 0 4M', f('target.raw')]));
     const srv = startQemuNbd(dir, 'rw', f('target.raw'), { format: 'raw' });
@@ -128,6 +128,20 @@ describe.skipIf(!enabled)('NBD client against qemu-nbd and nbdkit', () => {
     expect(ok(qimg(['map', f('ov.qcow2')])).stdout).toBe(ok(qemuImg(['map', f('ov.qcow2')])).stdout);
     ok(qimg(['commit', f('ov.qcow2')]));
     ok(qemuImg(['compare', '-f', 'raw', '-F', 'raw', srv.uri, f('ov-expected.raw')]));
+
+    // qcow2 onto the export (made in a scratch file, then copied), and then written in place
+    ok(qimg(['convert', '-O', 'qcow2', f('top.qcow2'), srv.uri]));
+    ok(qemuImg(['check', '-f', 'qcow2', srv.uri]));
+    ok(qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', srv.uri, f('top.qcow2')]));
+    ok(qimg(['convert', '-n', '-O', 'qcow2', f('sparse.raw'), srv.uri]));
+    ok(qemuImg(['check', '-f', 'qcow2', srv.uri]));
+    ok(qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', srv.uri, f('sparse.raw')]));
+    expectOneLineError(qimg(['create', '-f', 'vpc', srv.uri, '1M']), /Creating a vpc image on an NBD export is not supported/);
+    // a relative backing name has no directory to be relative to on an export
+    expectOneLineError(qimg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', srv.uri]), /Cannot generate a base directory for NBD nodes/);
+    ok(qemuImg(['create', '-f', 'qcow2', '-u', '-b', 'base.qcow2', '-F', 'qcow2', srv.uri, '4M']));
+    for (const args of [['info'], ['info', '--output=json']]) expect(ok(qimg([...args, srv.uri])).stdout).toBe(ok(qemuImg([...args, srv.uri])).stdout);
+    expectOneLineError(qimg(['map', srv.uri]), /Cannot generate a base directory for NBD nodes/);
   });
 
   it('works with nbdkit: simple replies (--no-sr), block-size constraints, writes', async () => {

@@ -6,7 +6,7 @@
 import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus, type SnapshotInfo } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
-import { joinBackingName, resolveRelative, type OpenContext } from '../../core/open.js';
+import { resolveRelative, type OpenContext, fullBackingName } from '../../core/open.js';
 import { existsSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import { ImageFile } from '../../io/file.js';
@@ -834,7 +834,7 @@ export class Qcow2Image implements BlockImage {
     if (h.cryptMethod !== C.CRYPT_NONE) info.encrypted = true;
     if (h.backingFile !== undefined) {
       info.backingFilename = h.backingFile;
-      info.fullBackingFilename = joinBackingName(h.backingFile, this.filename);
+      info.fullBackingFilename = fullBackingName(h.backingFile, this.filename);
       if (h.backingFormat !== undefined) info.backingFilenameFormat = h.backingFormat;
     }
     if (this.snapshots.length > 0) info.snapshots = this.snapshots.map(snapshotInfo);
