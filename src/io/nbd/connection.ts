@@ -44,14 +44,21 @@ export interface NbdExtent {
 }
 
 export interface NbdConnectOptions {
-  /** milliseconds for connecting and the handshake, and for a reply to show progress */
-  timeoutMs?: number;
+  /** milliseconds for connecting and the handshake */
+  handshakeTimeoutMs?: number;
+  /** milliseconds a server with requests pending may stay silent */
+  replyTimeoutMs?: number;
 }
 
-/** The default time a silent server is waited for (QIMG_NBD_TIMEOUT overrides, in seconds). */
-export function nbdTimeoutMs(): number {
+/**
+ * How long a silent server is waited for: 30 s for connecting and the handshake, 120 s
+ * for the next byte of a reply (a flush of a large cache can take long).
+ * QIMG_NBD_TIMEOUT (seconds) sets both.
+ */
+export function nbdTimeoutMs(phase: 'handshake' | 'reply'): number {
   const env = Number(process.env.QIMG_NBD_TIMEOUT);
-  return Number.isFinite(env) && env > 0 ? env * 1000 : 30_000;
+  if (Number.isFinite(env) && env > 0) return env * 1000;
+  return phase === 'handshake' ? 30_000 : 120_000;
 }
 
 /** Requests and payload bytes in flight at once (memory and server-queue bounds). */
@@ -90,7 +97,7 @@ export class NbdConnection {
     private readonly socket: Socket,
     private readonly reader: ByteReader,
     readonly info: NegotiatedExport,
-    private readonly timeoutMs: number,
+    private readonly replyTimeoutMs: number,
   ) {
     socket.on('data', () => this.replyTimer?.refresh());
     socket.on('error', (err) => this.fail(new NbdError(`NBD connection failed: ${err.message}`)));
@@ -100,7 +107,7 @@ export class NbdConnection {
 
   /** Connects to `addr`, negotiates the export, and is ready for requests. */
   static async connect(addr: NbdAddress, opts: NbdConnectOptions = {}): Promise<NbdConnection> {
-    const timeoutMs = opts.timeoutMs ?? nbdTimeoutMs();
+    const timeoutMs = opts.handshakeTimeoutMs ?? nbdTimeoutMs('handshake');
     const socket = addr.transport === 'unix' ? createConnection({ path: addr.socket }) : createConnection({ host: addr.host, port: addr.port });
     const reader = new ByteReader(socket);
     let timedOut = false;
@@ -126,7 +133,7 @@ export class NbdConnection {
       const info = await negotiate(socket, reader, addr.exportName);
       socket.removeAllListeners('error');
       socket.removeAllListeners('close');
-      return new NbdConnection(socket, reader, info, timeoutMs);
+      return new NbdConnection(socket, reader, info, opts.replyTimeoutMs ?? nbdTimeoutMs('reply'));
     } catch (err) {
       socket.destroy();
       throw err;
@@ -195,7 +202,7 @@ export class NbdConnection {
       this.pending.set(cookie, { command, offset, length, cost, buffer, filled: buffer ? [] : undefined, resolve, reject });
     });
     this.inFlightBytes += cost;
-    this.replyTimer ??= setTimeout(() => this.fail(new NbdError(`NBD server did not reply within ${Math.round(this.timeoutMs / 1000)} s`)), this.timeoutMs);
+    this.replyTimer ??= setTimeout(() => this.fail(new NbdError(`NBD server did not reply within ${Math.round(this.replyTimeoutMs / 1000)} s`)), this.replyTimeoutMs);
     this.socket.cork();
     this.socket.write(this.requestHeader(command, flags, cookie, offset, length));
     if (payload) this.socket.write(payload);
