@@ -136,6 +136,13 @@ describe.skipIf(!enabled)('NBD client against qemu-nbd and nbdkit', () => {
     ok(qimg(['convert', '-n', '-O', 'qcow2', f('sparse.raw'), srv.uri]));
     ok(qemuImg(['check', '-f', 'qcow2', srv.uri]));
     ok(qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', srv.uri, f('sparse.raw')]));
+    // check, and metadata rewrites that place new structures after the last cluster in use
+    expect(ok(qimg(['check', srv.uri])).stdout).toBe(ok(qemuImg(['check', srv.uri])).stdout);
+    ok(qimg(['snapshot', '-c', 's1', srv.uri]));
+    ok(qimg(['amend', '-o', 'refcount_bits=8', srv.uri]));
+    expect(ok(qemuImg(['check', srv.uri])).stdout).toMatch(/^No errors were found on the image\./);
+    expect(ok(qemuImg(['snapshot', '-l', srv.uri])).stdout).toContain('s1');
+    ok(qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', srv.uri, f('sparse.raw')]));
     expectOneLineError(qimg(['create', '-f', 'vpc', srv.uri, '1M']), /Creating a vpc image on an NBD export is not supported/);
     // a relative backing name has no directory to be relative to on an export
     expectOneLineError(qimg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', srv.uri]), /Cannot generate a base directory for NBD nodes/);

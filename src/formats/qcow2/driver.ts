@@ -436,7 +436,8 @@ export class Qcow2Image implements BlockImage {
       let last = Math.ceil(this.file.size / cs) - 1;
       while (last > 0 && (await this.refcounts.get(last)) === 0) last--;
       const end = Math.max((last + 1) * cs, this.header.l1TableOffset + this.header.l1Size * 8);
-      if (end < this.file.size) {
+      // (an NBD export keeps its size)
+      if (end < this.file.size && !this.file.remote) {
         await this.file.truncate(end);
         await this.sync();
       }
