@@ -13,6 +13,7 @@ import {
   NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES,
   NBD_FLAG_FIXED_NEWSTYLE,
+  NBD_FLAG_HAS_FLAGS,
   NBD_FLAG_NO_ZEROES,
   NBD_INFO_BLOCK_SIZE,
   NBD_INFO_EXPORT,
@@ -185,6 +186,8 @@ async function go(options: OptionChannel, exportName: string, noZeroes: boolean)
       if (reply.length !== 12) throw new NbdError('NBD protocol error: invalid export information');
       size = checkedSize(reply.readBigUInt64BE(2));
       flags = reply.readUInt16BE(10);
+      // without NBD_FLAG_HAS_FLAGS the other bits mean nothing
+      if (!(flags & NBD_FLAG_HAS_FLAGS)) flags = 0;
     } else if (info === NBD_INFO_BLOCK_SIZE) {
       if (reply.length !== 14) throw new NbdError('NBD protocol error: invalid block size information');
       minBlock = reply.readUInt32BE(2);
@@ -207,7 +210,8 @@ async function go(options: OptionChannel, exportName: string, noZeroes: boolean)
 async function exportNameFallback(options: OptionChannel, name: Buffer, noZeroes: boolean): Promise<GoResult> {
   options.send(NBD_OPT_EXPORT_NAME, name);
   const reply = await options.reader.read(noZeroes ? 10 : 134);
-  return { size: checkedSize(reply.readBigUInt64BE(0)), flags: reply.readUInt16BE(8), minBlock: 1, preferredBlock: 4096, maxBlock: NBD_MAX_PAYLOAD };
+  const flags = reply.readUInt16BE(8);
+  return { size: checkedSize(reply.readBigUInt64BE(0)), flags: flags & NBD_FLAG_HAS_FLAGS ? flags : 0, minBlock: 1, preferredBlock: 4096, maxBlock: NBD_MAX_PAYLOAD };
 }
 
 function checkedSize(size: bigint): number {
