@@ -862,7 +862,8 @@ const strategies: Record<string, Strategy> = {
       'a'.repeat(r.int(200, 1100)),
       'base.qcow2\0junk',
       'json:{"driver":"raw"}',
-      'nbd://localhost',
+      // an export nobody serves (port 1): a refused connection, never a real server
+      'nbd://127.0.0.1:1',
     ]);
     const bytes = Buffer.from(name, 'latin1');
     const lastExt = L.extensions.length ? L.extensions[L.extensions.length - 1] : undefined;
