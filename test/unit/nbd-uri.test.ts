@@ -43,6 +43,9 @@ describe('NBD names', () => {
       ['nbd:localhost', "error parsing address 'localhost'"],
       ['nbds://localhost', "Unknown protocol 'nbds'"],
       ['nbd+foo://x', "Unknown protocol 'nbd+foo'"],
+      // names read from images may hold anything: no address has control characters
+      ['nbd+unix:///x?socket=/s\0junk', 'No valid URL specified'],
+      ['nbd://a\tb', 'No valid URL specified'],
     ];
     for (const [name, message] of bad) {
       expect(() => parseNbdName(name), name).toThrow(`Could not open '${name}': ${message}`);

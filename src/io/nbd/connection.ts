@@ -108,7 +108,12 @@ export class NbdConnection {
   /** Connects to `addr`, negotiates the export, and is ready for requests. */
   static async connect(addr: NbdAddress, opts: NbdConnectOptions = {}): Promise<NbdConnection> {
     const timeoutMs = opts.handshakeTimeoutMs ?? nbdTimeoutMs('handshake');
-    const socket = addr.transport === 'unix' ? createConnection({ path: addr.socket }) : createConnection({ host: addr.host, port: addr.port });
+    let socket: Socket;
+    try {
+      socket = addr.transport === 'unix' ? createConnection({ path: addr.socket }) : createConnection({ host: addr.host, port: addr.port });
+    } catch (err) {
+      throw new NbdError(`Failed to connect to '${describeNbdAddress(addr)}': ${(err as Error).message}`);
+    }
     const reader = new ByteReader(socket);
     let timedOut = false;
     const timer = setTimeout(() => {

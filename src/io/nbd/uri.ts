@@ -16,6 +16,9 @@ export type NbdAddress =
 
 /** Parses an NBD name; throws a QimgError worded as qemu's when it is malformed. */
 export function parseNbdName(name: string): NbdAddress {
+  // (a name read from an image may hold anything; no address holds control characters)
+  // eslint-disable-next-line no-control-regex
+  if (/[\x00-\x1f\x7f]/.test(name)) throw invalidUrl(name);
   const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(name)?.[1]?.toLowerCase();
   if (scheme === 'nbd' && !name.slice(4).startsWith('//')) return parseLegacy(name);
   if (scheme !== 'nbd' && scheme !== 'nbd+tcp' && scheme !== 'nbd+unix') {
