@@ -31,6 +31,8 @@ export class NbdExportFile implements HostFile {
   private statusCache: { start: number; extents: NbdExtent[]; ends: number[] } | undefined;
   /** unaligned writes run one at a time (each reads, patches and writes whole blocks) */
   private rmwChain: Promise<void> = Promise.resolve();
+  /** written since the last flush (close flushes then, as qemu's block layer does) */
+  private dirty = false;
 
   private constructor(
     readonly path: string,
@@ -88,6 +90,7 @@ export class NbdExportFile implements HostFile {
     this.checkWrite(pos, buf.length);
     if (buf.length === 0) return;
     this.statusCache = undefined;
+    this.dirty = true;
     await this.guard('write', async () => {
       const { minBlock } = this.conn.info;
       const end = pos + buf.length;
@@ -101,6 +104,7 @@ export class NbdExportFile implements HostFile {
     this.checkWrite(pos, length);
     if (length === 0) return;
     this.statusCache = undefined;
+    this.dirty = true;
     const flags = this.conn.info.flags;
     if (opts.fast && !(flags & NBD_FLAG_SEND_FAST_ZERO && flags & NBD_FLAG_SEND_WRITE_ZEROES)) {
       throw new QimgError('Could not zero: Operation not supported', { file: this.path });
@@ -115,6 +119,7 @@ export class NbdExportFile implements HostFile {
     // TRIM is advisory: without it (or at unaligned edges) nothing is done
     if (!(this.conn.info.flags & NBD_FLAG_SEND_TRIM) || length === 0) return;
     this.statusCache = undefined;
+    this.dirty = true;
     await this.onAlignedBody(pos, length, 'discard', (at, n) => this.conn.trim(at, n), async () => undefined);
   }
 
@@ -124,6 +129,7 @@ export class NbdExportFile implements HostFile {
 
   async flush(): Promise<void> {
     if (!this.writable || !(this.conn.info.flags & NBD_FLAG_SEND_FLUSH)) return;
+    this.dirty = false;
     await this.guard('flush', () => this.conn.flush());
   }
 
@@ -156,7 +162,11 @@ export class NbdExportFile implements HostFile {
   }
 
   async close(): Promise<void> {
-    await this.conn.close();
+    try {
+      if (this.dirty) await this.flush();
+    } finally {
+      await this.conn.close();
+    }
   }
 
   private cachedStatus(pos: number): { end: number; flags: number } | undefined {
