@@ -10,7 +10,7 @@ import { findDriver, probeDriver, type FormatDriver } from './driver.js';
 import { QimgError } from './errors.js';
 import { CacheBudget } from './cache-budget.js';
 import { backingImageOptions, type ImageOptions, type SecretStore } from './secrets.js';
-import { assertReferenceAllowed } from './open-policy.js';
+import { assertReferenceAllowed, untrustedMode } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
 import { isRemoteName, openRemote } from '../io/remote.js';
@@ -95,9 +95,19 @@ export function resolveRelative(name: string, imagePath: string): string {
  * and the name without normalising ("sub/../base.qcow2").
  */
 export function joinBackingName(name: string, imagePath: string): string {
-  if (isAbsolute(name)) return name;
+  // an export's name is complete in itself, and has no directory others are relative to
+  if (isAbsolute(name) || isRemoteName(name) || isRemoteName(imagePath)) return name;
   const slash = imagePath.lastIndexOf('/');
   return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
+}
+
+/**
+ * full-backing-filename as `info` shows it: undefined when it cannot be known (a
+ * relative name in an image on an NBD export: qemu's "cannot determine actual path").
+ */
+export function fullBackingName(name: string, imagePath: string): string | undefined {
+  if (isRemoteName(imagePath) && !isAbsolute(name) && !isRemoteName(name)) return undefined;
+  return joinBackingName(name, imagePath);
 }
 
 export async function openImage(filename: string, options: OpenOptions = {}): Promise<BlockImage> {
@@ -264,7 +274,13 @@ async function openBackingOf(
   options: OpenOptions,
   chain: string[],
 ): Promise<BlockImage> {
+  if (isRemoteName(from) && !isAbsolute(name) && !isRemoteName(name)) {
+    throw new QimgError(`Could not open '${from}': Cannot generate a base directory for NBD nodes`, { file: from });
+  }
   const path = resolveRelative(name, from);
+  if (isRemoteName(path) && untrustedMode()) {
+    throw new QimgError(`backing file '${path}' is on another host (refused for untrusted images)`, { file: from });
+  }
   assertReferenceAllowed(path, from, 'backing file');
   try {
     return await openInChain(path, format, { ...options, writable: false, imageOptions: backingImageOptions(options.imageOptions) }, chain);

@@ -12,6 +12,8 @@ import type { ImageOptions, SecretStore } from '../core/secrets.js';
 import type { ParsedOptions } from '../core/options.js';
 import { copyImages, type CopyOptions } from './copy-engine.js';
 import { prepareCreate } from './create.js';
+import { isRemoteName } from '../io/remote.js';
+import { remoteZeroInit } from './create-remote.js';
 import { checkSourceBitmaps, checkTargetBitmaps, copyBitmaps } from './bitmap-copy.js';
 import { openSnapshotView, type SnapshotParam } from './snapshot-param.js';
 import { isStdio, openStdinSource } from './stdin-source.js';
@@ -167,7 +169,7 @@ export async function convert(req: ConvertRequest): Promise<void> {
         await prepared.run();
         // only now is the output this run's: a create refused (an image in use, such as
         // the source itself) leaves the file that was there alone
-        created = !device;
+        created = !device && !isRemoteName(req.output);
       } catch (err) {
         // qemu-img: "OUT: error while converting FMT: <the driver's message>"
         if (err instanceof QimgError) throw new QimgError(`error while converting ${req.outputFormat}: ${err.message}`, { file: req.output, cause: err });
@@ -186,7 +188,10 @@ export async function convert(req: ConvertRequest): Promise<void> {
     const opts: CopyOptions = {
       sparseSize: req.sparseSize ?? 4096,
       // a new luks target reads as noise, not zeros: its zero ranges are written (as qemu-img)
-      targetIsZero: !req.noCreate ? req.backingFile === undefined && !findDriver(req.outputFormat)?.noZeroInit : !!req.targetIsZero,
+      // a raw image "created" on an export keeps the export's old contents
+      targetIsZero: !req.noCreate
+        ? req.backingFile === undefined && !findDriver(req.outputFormat)?.noZeroInit && (!isRemoteName(req.output) || remoteZeroInit(req.outputFormat))
+        : !!req.targetIsZero,
       topOnly: req.backingFile !== undefined,
       // Compression is the bottleneck of -c: reading further ahead than the workers
       // can take only holds more buffers (peak memory), so -c reads 4 ahead unless -m says.

@@ -10,6 +10,9 @@ import { openImage, resolveRelative } from '../core/open.js';
 import { parseOptions, type ParsedOptions } from '../core/options.js';
 import { INT64_MAX, parseImageSize, roundToSectors } from '../core/size.js';
 import type { SecretStore } from '../core/secrets.js';
+import { isAbsolute } from 'node:path';
+import { isRemoteName } from '../io/remote.js';
+import { createOnRemote } from './create-remote.js';
 
 export interface CreateRequest {
   filename: string;
@@ -88,6 +91,9 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
   }
   if (backing !== undefined && !req.unsafe) {
     const backingFmt = options.values.get('backing_fmt') as string | undefined;
+    if (isRemoteName(file) && !isAbsolute(backing) && !isRemoteName(backing)) {
+      throw new QimgError('Cannot generate a base directory for NBD nodes; could not open backing image', { file });
+    }
     const path = resolveRelative(backing, file);
     let img;
     try {
@@ -121,7 +127,8 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
       const refusal = hugeSizeRefusal(driver.name, rounded);
       if (refusal) throw new QimgError(refusal, { file });
       try {
-        await driver.create!(file, Number(rounded), options.values, { secrets: req.secrets });
+        if (isRemoteName(file)) await createOnRemote(driver, file, Number(rounded), options.values, { secrets: req.secrets });
+        else await driver.create!(file, Number(rounded), options.values, { secrets: req.secrets });
       } catch (err) {
         throw err instanceof QimgError && err.file === undefined ? new QimgError(err.message, { file, cause: err }) : err;
       }

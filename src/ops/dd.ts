@@ -21,6 +21,8 @@ import { openImage } from '../core/open.js';
 import type { ImageOptions, SecretStore } from '../core/secrets.js';
 import { copyImages } from './copy-engine.js';
 import { prepareCreate } from './create.js';
+import { isRemoteName } from '../io/remote.js';
+import { remoteZeroInit } from './create-remote.js';
 import { NeverWritable } from '../core/read-only-image.js';
 
 export interface DdRequest {
@@ -98,13 +100,13 @@ export async function dd(req: DdRequest): Promise<void> {
     } catch (err) {
       // only a file this run brought into being goes again; one that was there (the input
       // itself, refused by its lock) stays
-      if (!before) await unlink(req.output).catch(() => undefined);
+      if (!before && !isRemoteName(req.output)) await unlink(req.output).catch(() => undefined);
       if (err instanceof QimgError) throw new QimgError(`error while creating output image: ${err.message}`, { file: req.output, cause: err });
       throw err;
     }
     // from here on the output holds nothing but what this run writes; a device (block
     // or character) is never removed
-    created = !before || before.isFile();
+    created = (!before || before.isFile()) && !isRemoteName(req.output);
     target = await openImage(req.output, { format: driver.name, writable: true, secrets: req.secrets });
     if (range.skipBeyondEnd) req.onSkipBeyondEnd?.(`${inputName}: cannot skip to specified offset`);
 
@@ -115,7 +117,7 @@ export async function dd(req: DdRequest): Promise<void> {
       await copyImages([windowOf(input, range.start, length)], target, {
         sparseSize: 4096,
         // a new image reads as zeros, except where a format gives no such promise (luks) or on a device
-        targetIsZero: !device && !driver.noZeroInit,
+        targetIsZero: !device && !driver.noZeroInit && (!isRemoteName(req.output) || remoteZeroInit(driver.name)),
         parallel: 8,
         targetGranularity: target.allocationUnit,
       });

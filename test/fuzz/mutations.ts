@@ -862,7 +862,9 @@ const strategies: Record<string, Strategy> = {
       'a'.repeat(r.int(200, 1100)),
       'base.qcow2\0junk',
       'json:{"driver":"raw"}',
-      'nbd://localhost',
+      // an export behind a socket that does not exist: every truncation of the name
+      // fails at once (a TCP name could reach a real host, or a proxy that stalls)
+      'nbd+unix:///x?socket=/nonexistent/qimg-fuzz.sock',
     ]);
     const bytes = Buffer.from(name, 'latin1');
     const lastExt = L.extensions.length ? L.extensions[L.extensions.length - 1] : undefined;

@@ -6,7 +6,7 @@
  */
 import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
-import { joinBackingName } from '../../core/open.js';
+import { fullBackingName } from '../../core/open.js';
 import { Mutex } from '../../core/mutex.js';
 import type { HostFile } from '../../io/host.js';
 import { QCOW_CRYPT_NONE, type QcowHeader } from './header.js';
@@ -343,7 +343,7 @@ export class QcowImage implements BlockImage {
     if (this.header.cryptMethod !== QCOW_CRYPT_NONE) info.encrypted = true;
     if (this.backingName !== undefined) {
       info.backingFilename = this.backingName;
-      info.fullBackingFilename = joinBackingName(this.backingName, this.filename);
+      info.fullBackingFilename = fullBackingName(this.backingName, this.filename);
     }
     return info;
   }

@@ -7,7 +7,7 @@
  */
 import { QimgError } from '../../core/errors.js';
 import type { OptionValue } from '../../core/options.js';
-import { ImageFile } from '../../io/file.js';
+import { openHostFile } from '../../io/remote.js';
 import type { HostFile } from '../../io/host.js';
 import { writeU64 } from '../../core/units.js';
 import * as C from './constants.js';
@@ -90,7 +90,7 @@ export async function amendQcow2(img: Qcow2Image, plan: AmendPlan): Promise<void
   if (plan.version < h.version) await img.expandZeroClusters();
   await img.close();
 
-  const file = await ImageFile.open(img.filename, { writable: true });
+  const file = await openHostFile(img.filename, { writable: true });
   try {
     if (plan.refcountBits !== 1 << h.refcountOrder) await rewriteRefcounts(file, h, plan.refcountBits);
     h.version = plan.version;
@@ -147,6 +147,11 @@ async function rewriteRefcounts(file: HostFile, h: Qcow2Header, bits: number): P
       counts[c] = rc;
     }
   }
+  // storage of a fixed size (an NBD export) has no "end of file" to append at: the new
+  // structure goes after the last cluster in use, old structure included
+  let inUseEnd = 0;
+  for (let c = 0; c < fileClusters; c++) if (counts[c] > 0) inUseEnd = c + 1;
+  for (const c of oldStructure) inUseEnd = Math.max(inUseEnd, c + 1);
   // The old structure is dropped with the switch.
   for (const c of oldStructure) counts[c] = 0;
   const max = bits === 64 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
@@ -155,7 +160,7 @@ async function rewriteRefcounts(file: HostFile, h: Qcow2Header, bits: number): P
   }
   // Table and blocks go after the end of the file (never over the old structure,
   // which stays valid until the header switch); they count themselves.
-  const used = fileClusters;
+  const used = file.remote ? inUseEnd : fileClusters;
   const entries = (cs * 8) / bits;
   let tableClusters = 1;
   let blocks = 1;

@@ -7,7 +7,7 @@ import { Qcow2StreamWriter } from './stream-writer.js';
 import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus, type SnapshotInfo } from '../../core/block-image.js';
 import type { FormatDriver } from '../../core/driver.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
-import { joinBackingName, resolveRelative, type OpenContext } from '../../core/open.js';
+import { resolveRelative, type OpenContext, fullBackingName } from '../../core/open.js';
 import { existsSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import { ImageFile } from '../../io/file.js';
@@ -450,7 +450,8 @@ export class Qcow2Image implements BlockImage {
       let last = Math.ceil(this.file.size / cs) - 1;
       while (last > 0 && (await this.refcounts.get(last)) === 0) last--;
       const end = Math.max((last + 1) * cs, this.header.l1TableOffset + this.header.l1Size * 8);
-      if (end < this.file.size) {
+      // (an NBD export keeps its size)
+      if (end < this.file.size && !this.file.remote) {
         await this.file.truncate(end);
         await this.sync();
       }
@@ -848,7 +849,7 @@ export class Qcow2Image implements BlockImage {
     if (h.cryptMethod !== C.CRYPT_NONE) info.encrypted = true;
     if (h.backingFile !== undefined) {
       info.backingFilename = h.backingFile;
-      info.fullBackingFilename = joinBackingName(h.backingFile, this.filename);
+      info.fullBackingFilename = fullBackingName(h.backingFile, this.filename);
       if (h.backingFormat !== undefined) info.backingFilenameFormat = h.backingFormat;
     }
     if (this.snapshots.length > 0) info.snapshots = this.snapshots.map(snapshotInfo);

@@ -28,11 +28,14 @@ export interface Generation {
   serializeSnapshots: (snaps: Qcow2Snapshot[]) => Buffer;
 }
 
-/** First cluster index that is free in the current structure and past the end of the file. */
+/**
+ * First cluster index that is free in the current structure and past the end of the
+ * file (on storage of a fixed size, an NBD export: past the last cluster in use).
+ */
 async function firstFreeAtEnd(img: Qcow2Image): Promise<number> {
   const cs = img.geometry.clusterSize;
   const rc = img.refcounts;
-  const end = Math.ceil(img.file.size / cs);
+  const end = img.file.remote ? 0 : Math.ceil(img.file.size / cs);
   for (let index = rc.tableEntries - 1; index >= 0; index--) {
     if (rc.blockOffset(index) === 0) continue;
     for (let c = (index + 1) * rc.blockEntries - 1; c >= index * rc.blockEntries; c--) {

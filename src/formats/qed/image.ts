@@ -6,7 +6,7 @@
  */
 import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
-import { joinBackingName } from '../../core/open.js';
+import { fullBackingName } from '../../core/open.js';
 import { Mutex } from '../../core/mutex.js';
 import type { HostFile } from '../../io/host.js';
 import {
@@ -329,7 +329,7 @@ export class QedImage implements BlockImage {
     };
     if (this.backingName !== undefined) {
       info.backingFilename = this.backingName;
-      info.fullBackingFilename = joinBackingName(this.backingName, this.filename);
+      info.fullBackingFilename = fullBackingName(this.backingName, this.filename);
       if (this.header.features & QED_F_BACKING_FORMAT_NO_PROBE) info.backingFilenameFormat = 'raw';
     }
     return info;

@@ -115,7 +115,8 @@ export class RawImage implements BlockImage {
       format: 'raw',
       virtualSize: this.virtualSize,
       actualSize: await this.file.allocatedSize(),
-      dirtyFlag: false,
+      // qemu asks the protocol for it: an NBD export has no answer, so no dirty-flag
+      dirtyFlag: this.file.remote ? undefined : false,
     };
   }
 

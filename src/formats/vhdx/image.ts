@@ -8,7 +8,7 @@ import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus 
 import type { HostFile } from '../../io/host.js';
 import { QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
-import { joinBackingName } from '../../core/open.js';
+import { fullBackingName } from '../../core/open.js';
 import { zeroFileRange } from '../../io/allocate.js';
 import {
   BITMAP_BLOCK_SIZE,
@@ -419,7 +419,7 @@ export class VhdxImage implements BlockImage {
     };
     if (this.backingName !== undefined) {
       info.backingFilename = this.backingName;
-      info.fullBackingFilename = joinBackingName(this.backingName, this.filename);
+      info.fullBackingFilename = fullBackingName(this.backingName, this.filename);
       info.backingFilenameFormat = 'vhdx';
     }
     return info;

@@ -6,7 +6,7 @@
 import { assertWritableRange, type BlockImage, type ImageInfo, type LayerStatus } from '../../core/block-image.js';
 import { CorruptImageError, QimgError } from '../../core/errors.js';
 import { Mutex } from '../../core/mutex.js';
-import { joinBackingName } from '../../core/open.js';
+import { fullBackingName } from '../../core/open.js';
 import type { HostFile } from '../../io/host.js';
 import { SECTOR } from './constants.js';
 import { replaceCid } from './descriptor.js';
@@ -379,7 +379,7 @@ export class VmdkImage implements BlockImage {
     const hint = this.state.parentHint;
     if (hint !== undefined) {
       info.backingFilename = hint;
-      info.fullBackingFilename = joinBackingName(hint, this.filename);
+      info.fullBackingFilename = fullBackingName(hint, this.filename);
       info.backingFilenameFormat = 'vmdk';
     }
     return info;
