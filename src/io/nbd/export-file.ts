@@ -24,6 +24,12 @@ import { parseNbdName } from './uri.js';
 
 /** The longest zeroing, trim or block-status request (lengths are 32-bit on the wire). */
 const MAX_COMMAND_LENGTH = 2 ** 31;
+/**
+ * Writes left in flight behind the caller (write-behind): a copy that writes one chunk
+ * at a time then waits for the round trip only when this many are outstanding.
+ */
+const MAX_WRITES_BEHIND = 16;
+const MAX_BYTES_BEHIND = 64 * 1024 * 1024;
 
 export class NbdExportFile implements HostFile {
   readonly remote = true;
@@ -33,6 +39,11 @@ export class NbdExportFile implements HostFile {
   private rmwChain: Promise<void> = Promise.resolve();
   /** written since the last flush (close flushes then, as qemu's block layer does) */
   private dirty = false;
+  /** aligned writes sent and not yet answered (write-behind) */
+  private behind: Array<{ start: number; end: number; done: Promise<void> }> = [];
+  private bytesBehind = 0;
+  /** the first write-behind failure: every later request reports it */
+  private failure: unknown;
 
   private constructor(
     readonly path: string,
@@ -69,6 +80,7 @@ export class NbdExportFile implements HostFile {
     const inside = Math.max(0, Math.min(buf.length, this.size - pos));
     buf.fill(0, inside);
     if (inside === 0) return;
+    await this.settle(pos, pos + inside);
     await this.guard('read', async () => {
       const { minBlock } = this.conn.info;
       const start = alignDown(pos, minBlock);
@@ -91,18 +103,64 @@ export class NbdExportFile implements HostFile {
     if (buf.length === 0) return;
     this.statusCache = undefined;
     this.dirty = true;
-    await this.guard('write', async () => {
-      const { minBlock } = this.conn.info;
-      const end = pos + buf.length;
-      const aligned = pos % minBlock === 0 && (end % minBlock === 0 || end === this.size);
-      if (aligned) return this.split(pos, buf.length, this.conn.info.maxBlock, (at, n) => this.conn.write(at, buf.subarray(at - pos, at - pos + n)));
-      return this.readModifyWrite(buf, pos);
-    });
+    const end = pos + buf.length;
+    if (!this.isAligned(pos, end)) {
+      await this.settle(pos, end);
+      return this.guard('write', () => this.readModifyWrite(buf, pos));
+    }
+    // The caller may reuse `buf` once this returns: the request sends a copy.
+    const data = Buffer.from(buf);
+    await this.sendBehind(pos, end, data.length, () => this.guard('write', () => this.split(pos, data.length, this.conn.info.maxBlock, (at, n) => this.conn.write(at, data.subarray(at - pos, at - pos + n)))));
+  }
+
+  /**
+   * Write-behind: a write, zeroing or trim goes out now and the caller goes on; overlapping
+   * ones wait for each other (a server may reorder requests in flight), reads of the range
+   * and flushes wait for them, and a failure surfaces at the next request (at the latest at
+   * the flush every writer ends with).
+   */
+  private async sendBehind(start: number, end: number, bytes: number, op: () => Promise<void>): Promise<void> {
+    await this.settle(start, end);
+    while (this.behind.length >= MAX_WRITES_BEHIND || (this.behind.length > 0 && this.bytesBehind + bytes > MAX_BYTES_BEHIND)) {
+      await Promise.race(this.behind.map((w) => w.done));
+    }
+    this.throwFailure();
+    const entry = { start, end, done: Promise.resolve() };
+    entry.done = op()
+      .catch((err: unknown) => {
+        this.failure ??= err;
+      })
+      .finally(() => {
+        this.behind.splice(this.behind.indexOf(entry), 1);
+        this.bytesBehind -= bytes;
+      });
+    this.behind.push(entry);
+    this.bytesBehind += bytes;
+  }
+
+  /** Waits for the writes behind that overlap [start, end) (all when omitted); then reports a failed one. */
+  private async settle(start = 0, end = Number.MAX_SAFE_INTEGER): Promise<void> {
+    for (;;) {
+      const overlapping = this.behind.filter((w) => w.start < end && start < w.end);
+      if (overlapping.length === 0) break;
+      await Promise.all(overlapping.map((w) => w.done));
+    }
+    this.throwFailure();
+  }
+
+  private isAligned(start: number, end: number): boolean {
+    const { minBlock } = this.conn.info;
+    return start % minBlock === 0 && (end % minBlock === 0 || end === this.size);
+  }
+
+  private throwFailure(): void {
+    if (this.failure !== undefined) throw this.failure;
   }
 
   async writeZeroes(pos: number, length: number, opts: { mayUnmap?: boolean; fast?: boolean }): Promise<void> {
     this.checkWrite(pos, length);
     if (length === 0) return;
+    await this.settle(pos, pos + length);
     this.statusCache = undefined;
     this.dirty = true;
     const flags = this.conn.info.flags;
@@ -111,6 +169,10 @@ export class NbdExportFile implements HostFile {
     }
     if (!(flags & NBD_FLAG_SEND_WRITE_ZEROES)) return this.writeZeroBuffers(pos, length);
     const cmdFlags = (opts.mayUnmap ? 0 : NBD_CMD_FLAG_NO_HOLE) | (opts.fast ? NBD_CMD_FLAG_FAST_ZERO : 0);
+    // a fast zeroing's answer decides what the caller does next: it waits for it
+    if (!opts.fast && this.isAligned(pos, pos + length)) {
+      return this.sendBehind(pos, pos + length, 0, () => this.guard('write zeroes', () => this.split(pos, length, alignDown(MAX_COMMAND_LENGTH, this.conn.info.minBlock), (at, n) => this.conn.writeZeroes(at, n, cmdFlags))));
+    }
     await this.onAlignedBody(pos, length, 'write zeroes', async (at, n) => this.conn.writeZeroes(at, n, cmdFlags), (at, n) => this.writeZeroBuffers(at, n));
   }
 
@@ -118,6 +180,7 @@ export class NbdExportFile implements HostFile {
     this.checkWrite(pos, length);
     // TRIM is advisory: without it (or at unaligned edges) nothing is done
     if (!(this.conn.info.flags & NBD_FLAG_SEND_TRIM) || length === 0) return;
+    await this.settle(pos, pos + length);
     this.statusCache = undefined;
     this.dirty = true;
     await this.onAlignedBody(pos, length, 'discard', (at, n) => this.conn.trim(at, n), async () => undefined);
@@ -128,6 +191,7 @@ export class NbdExportFile implements HostFile {
   }
 
   async flush(): Promise<void> {
+    await this.settle();
     if (!this.writable || !(this.conn.info.flags & NBD_FLAG_SEND_FLUSH)) return;
     this.dirty = false;
     await this.guard('flush', () => this.conn.flush());
@@ -148,6 +212,7 @@ export class NbdExportFile implements HostFile {
     if (this.conn.info.allocationContext === undefined || max === 0) return { length: max, data: true, zero: false };
     let hit = this.cachedStatus(pos);
     if (!hit) {
+      await this.settle();
       const start = alignDown(pos, this.conn.info.minBlock);
       const askFor = Math.min(this.size - start, alignDown(MAX_COMMAND_LENGTH, this.conn.info.minBlock));
       const extents = await this.guard('get block status', () => this.conn.blockStatus(start, askFor));
@@ -163,6 +228,7 @@ export class NbdExportFile implements HostFile {
 
   async close(): Promise<void> {
     try {
+      await this.settle();
       if (this.dirty) await this.flush();
     } finally {
       await this.conn.close();
