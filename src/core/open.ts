@@ -13,7 +13,8 @@ import { backingImageOptions, type ImageOptions, type SecretStore } from './secr
 import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
-import { isRemoteName, openRemote } from '../io/remote.js';
+import { isHttpName, isRemoteName, openRemote } from '../io/remote.js';
+import { httpDirectoryOf } from '../io/http-url.js';
 
 /** Longest backing chain qimg opens. */
 export const MAX_CHAIN_DEPTH = 256;
@@ -95,7 +96,10 @@ export function resolveRelative(name: string, imagePath: string): string {
  * and the name without normalising ("sub/../base.qcow2").
  */
 export function joinBackingName(name: string, imagePath: string): string {
-  if (isAbsolute(name)) return name;
+  // an absolute path stays a local path even under a URL, as in qemu; a URL stays itself
+  if (isAbsolute(name) || isRemoteName(name)) return name;
+  // under a URL: its path up to the last '/', never its query string (a signature)
+  if (isHttpName(imagePath)) return httpDirectoryOf(imagePath) + name;
   const slash = imagePath.lastIndexOf('/');
   return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
 }

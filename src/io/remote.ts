@@ -5,6 +5,7 @@
  */
 import { QimgError } from '../core/errors.js';
 import type { HostFile } from './host.js';
+import { HttpFile } from './http-file.js';
 
 const NBD_NAME = /^(nbd|nbds|nbd\+tcp|nbd\+unix|nbds\+unix):/i;
 const HTTP_NAME = /^https?:\/\//i;
@@ -27,5 +28,6 @@ export interface RemoteOpenOptions {
 
 /** Opens the storage a remote name denotes. */
 export async function openRemote(name: string, opts: RemoteOpenOptions): Promise<HostFile> {
+  if (isHttpName(name)) return HttpFile.open(name, { writable: opts.writable });
   throw new QimgError(`Could not open '${name}': ${opts.writable ? 'writable ' : ''}remote storage is not supported`, { file: name });
 }

@@ -5,6 +5,7 @@
 import { QimgError } from '../core/errors.js';
 import { openImage, type OpenOptions } from '../core/open.js';
 import { ImageFile } from '../io/file.js';
+import { isRemoteName } from '../io/remote.js';
 import { findDriver, type ImageCheckCounts } from '../core/driver.js';
 
 /** qemu's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS */
@@ -48,7 +49,8 @@ export async function checkImage(filename: string, opts: CheckOptions): Promise<
     throw new QimgError('This image format does not support checks', { file: filename, exitCode: EXIT_NO_CHECK });
   }
   // Hold QEMU's locks while checking: a repair must not race a running VM.
-  const holder = opts.forceShare ? null : await ImageFile.open(filename, { lock: opts.fix ? 'write' : 'read' });
+  // (remote storage has no local locks)
+  const holder = opts.forceShare || isRemoteName(filename) ? null : await ImageFile.open(filename, { lock: opts.fix ? 'write' : 'read' });
   try {
     const res = await driver.check(filename, { fix: opts.fix, log: opts.log });
     return { ...res, filename, format };

@@ -114,7 +114,8 @@ export class RawImage implements BlockImage {
       format: 'raw',
       virtualSize: this.virtualSize,
       actualSize: await this.file.allocatedSize(),
-      dirtyFlag: false,
+      // qemu's raw asks its storage for the dirty flag; remote protocols have no answer
+      dirtyFlag: this.file.remote ? undefined : false,
     };
   }
 
