@@ -47,6 +47,8 @@ export class HttpFailure extends Error {
     readonly reason: string,
     readonly transient: boolean,
     readonly status?: number,
+    /** the server went silent (retried once only: a dead server should not cost minutes) */
+    readonly timedOut = false,
   ) {
     super(reason);
     this.name = 'HttpFailure';
@@ -139,7 +141,8 @@ export class HttpClient {
         return await attempt();
       } catch (err) {
         const failure = asFailure(err, this.target);
-        if (!failure.transient || n >= this.tuning.retries || this.closed) throw failure;
+        const limit = failure.timedOut ? Math.min(1, this.tuning.retries) : this.tuning.retries;
+        if (!failure.transient || n >= limit || this.closed) throw failure;
         await sleep(this.tuning.backoffMs * 2 ** n);
       }
     }
@@ -195,7 +198,7 @@ export class HttpClient {
       const started = performance.now();
       const timedOut = (): void => {
         const ms = Math.round(performance.now() - started);
-        ex.timeout = new HttpFailure(`Operation timed out after ${ms} milliseconds with ${ex.received} bytes received`, true);
+        ex.timeout = new HttpFailure(`Operation timed out after ${ms} milliseconds with ${ex.received} bytes received`, true, undefined, true);
         req.destroy(ex.timeout);
       };
       // connect and idle timeout: no bytes moving for timeoutMs
