@@ -195,7 +195,7 @@ export class HttpClient {
       });
       // filled in as the exchange goes: the response, the bytes read, a timeout that struck
       const ex = { received: 0 } as Exchange;
-      const started = performance.now();
+      let started = performance.now();
       const timedOut = (): void => {
         const ms = Math.round(performance.now() - started);
         ex.timeout = new HttpFailure(`Operation timed out after ${ms} milliseconds with ${ex.received} bytes received`, true, undefined, true);
@@ -203,9 +203,14 @@ export class HttpClient {
       };
       // connect and idle timeout: no bytes moving for timeoutMs
       req.setTimeout(timeoutMs, timedOut);
-      // the whole exchange, body included (cleared when the response is done)
-      const deadline = setTimeout(timedOut, requestTimeoutMs);
-      deadline.unref();
+      // the whole exchange, body included, from when a connection takes the request
+      // (requests queued behind busy connections do not count down)
+      let deadline: NodeJS.Timeout | undefined;
+      req.once('socket', () => {
+        started = performance.now();
+        deadline = setTimeout(timedOut, requestTimeoutMs);
+        deadline.unref();
+      });
       req.once('close', () => clearTimeout(deadline));
       // `on`, not `once`: a second error (after a timeout destroyed the request) must not go unheard
       req.on('error', (err) => {
@@ -272,7 +277,10 @@ function readPartial(ex: Exchange, start: number, end: number, target: HttpTarge
   });
 }
 
-/** `Content-Range: bytes START-END/TOTAL` (TOTAL may be '*'), or `bytes *\/TOTAL`. */
+/**
+ * `Content-Range: bytes START-END/TOTAL` (TOTAL may be '*'), or `bytes *\/TOTAL`. A
+ * TOTAL past 2^53 comes back as an inexact number: callers refuse it as a size.
+ */
 export function parseContentRange(value: string | string[] | undefined): { start?: number; end?: number; total?: number } | undefined {
   const m = /^\s*bytes\s+(?:(\d+)-(\d+)|\*)\/(\d+|\*)\s*$/i.exec(headerText(value));
   if (!m) return undefined;
@@ -282,10 +290,7 @@ export function parseContentRange(value: string | string[] | undefined): { start
     out.end = safeNumber(m[2]);
     if (out.start === undefined || out.end === undefined || out.end < out.start) return undefined;
   }
-  if (m[3] !== '*') {
-    out.total = safeNumber(m[3]);
-    if (out.total === undefined) return undefined;
-  }
+  if (m[3] !== '*') out.total = Number(m[3]);
   return out;
 }
 

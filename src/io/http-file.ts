@@ -181,6 +181,7 @@ async function discoverSize(client: HttpClient): Promise<number> {
   switch (probe.kind) {
     case 'partial':
       if (probe.total === undefined) throw new HttpFailure("Server didn't report file size.", false);
+      if (!Number.isSafeInteger(probe.total)) throw new HttpFailure(`Server reported an unusable file size (Content-Range total ${probe.total})`, false);
       return probe.total;
     case 'unsatisfiable':
       // only an empty resource has no byte 0
