@@ -183,7 +183,7 @@ describe.skipIf(!enabled)('http(s) sources (nginx, qemu-img curl driver as oracl
     expect(qemuImg(['compare', '-F', 'qcow2', join(www, 'sub/rel.qcow2'), target]).status).toBe(0);
   });
 
-  it('writes are refused with qemu-img message; missing resources with its 404 line', () => {
+  it('writes and creation are refused with qemu-img messages; missing resources with its 404 line', () => {
     for (const args of [
       ['resize', `${http}/disk.raw`, '4M'],
       ['commit', `${http}/top.qcow2`],
@@ -194,6 +194,16 @@ describe.skipIf(!enabled)('http(s) sources (nginx, qemu-img curl driver as oracl
       expect(a.status, args.join(' ')).toBe(1);
       expect(asQemuLine(a.stderr), args.join(' ')).toBe(b.stderr);
     }
+    // nothing is created at a URL (nor as a local file named like one)
+    const create = ['create', '-f', 'qcow2', `${http}/new.qcow2`, '1M'];
+    const a1 = qimg(create);
+    const b1 = qemuImg(create);
+    expect(a1.status).toBe(1);
+    expect(a1.stdout).toBe(b1.stdout);
+    expect(asQemuLine(a1.stderr)).toBe(b1.stderr);
+    const conv = qimg(['convert', '-O', 'raw', join(www, 'disk.raw'), `${http}/new.raw`]);
+    expect(conv.status).toBe(1);
+    expect(conv.stderr).toMatch(/^qimg: .*Protocol driver 'http' does not support image creation\n$/);
     const missing = `${http}/nothing.qcow2`;
     const a = qimg(['info', missing]);
     expect(a.status).toBe(1);
