@@ -160,7 +160,11 @@ export class HttpClient {
       discard(ex.res);
       if (hops >= this.tuning.maxRedirects) throw new HttpFailure(`Maximum (${this.tuning.maxRedirects}) redirects followed`, false);
       href = redirectTarget(location, href);
-      target = parseHttpUrl(href);
+      try {
+        target = parseHttpUrl(href);
+      } catch {
+        throw new HttpFailure(`redirect to an invalid location '${location}'`, false);
+      }
     }
   }
 
