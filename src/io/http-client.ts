@@ -9,6 +9,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import { parseHttpUrl, type HttpTarget } from './http-url.js';
+import { trustedCertificates } from './tls-trust.js';
 
 export interface HttpTuning {
   /** connect and idle timeout of one request, in milliseconds */
@@ -173,7 +174,7 @@ export class HttpClient {
     let agent = this.agents.get(protocol);
     if (!agent) {
       const options = { keepAlive: true, maxSockets: this.tuning.maxSockets, maxFreeSockets: this.tuning.maxSockets };
-      agent = protocol === 'https:' ? new https.Agent(options) : new http.Agent(options);
+      agent = protocol === 'https:' ? new https.Agent({ ...options, ca: trustedCertificates() }) : new http.Agent(options);
       this.agents.set(protocol, agent);
     }
     return agent;
