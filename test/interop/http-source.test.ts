@@ -167,7 +167,7 @@ describe.skipIf(!enabled)('http(s) sources (nginx, qemu-img curl driver as oracl
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/^qimg: Could not open 'https:\/\/127\.0\.0\.1:\d+\/sub\/rel\.qcow2': CURL: Error opening file: SSL certificate problem: .*\n$/);
     // a system bundle named by SSL_CERT_FILE (where a company CA would be) is trusted too
-    const bundleEnv = { ...caEnv, SSL_CERT_FILE: caEnv.NODE_EXTRA_CA_CERTS };
+    const bundleEnv: NodeJS.ProcessEnv = { ...caEnv, SSL_CERT_FILE: caEnv.NODE_EXTRA_CA_CERTS };
     delete bundleEnv.NODE_EXTRA_CA_CERTS;
     expect(qimg(['info', url], { env: bundleEnv }).status).toBe(0);
     // the certificate names 127.0.0.1 only
