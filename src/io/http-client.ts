@@ -6,8 +6,8 @@
  * length of body. Failure reasons are worded as curl words them, since qemu-img's
  * messages for HTTP sources carry curl's text.
  */
-import http from 'node:http';
-import https from 'node:https';
+import type * as http from 'node:http';
+import type * as Https from 'node:https';
 import { parseHttpUrl, type HttpTarget } from './http-url.js';
 import { trustedCertificates } from './tls-trust.js';
 
@@ -73,6 +73,10 @@ export type RangeAnswer =
   | { kind: 'whole'; length?: number }
   /** 416: the range lies past the end; `total` from `Content-Range: bytes *\/N` */
   | { kind: 'unsatisfiable'; total?: number };
+
+/** node:http and node:https, loaded on first use: most commands never touch a URL (start-up time). */
+const httpModule = (): typeof http => process.getBuiltinModule('node:http');
+const httpsModule = (): typeof Https => process.getBuiltinModule('node:https');
 
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
 /** Bodies of errors and redirects up to this size are drained to keep the connection. */
@@ -174,7 +178,7 @@ export class HttpClient {
     let agent = this.agents.get(protocol);
     if (!agent) {
       const options = { keepAlive: true, maxSockets: this.tuning.maxSockets, maxFreeSockets: this.tuning.maxSockets };
-      agent = protocol === 'https:' ? new https.Agent({ ...options, ca: trustedCertificates() }) : new http.Agent(options);
+      agent = protocol === 'https:' ? new (httpsModule().Agent)({ ...options, ca: trustedCertificates() }) : new (httpModule().Agent)(options);
       this.agents.set(protocol, agent);
     }
     return agent;
@@ -187,7 +191,7 @@ export class HttpClient {
     return new Promise((resolve, reject) => {
       const headers: http.OutgoingHttpHeaders = { 'User-Agent': 'qimg', Accept: '*/*' };
       if (range) headers.Range = range;
-      const mod = target.protocol === 'https:' ? https : http;
+      const mod = target.protocol === 'https:' ? httpsModule() : httpModule();
       const req = mod.request({
         protocol: target.protocol,
         host: target.hostname,

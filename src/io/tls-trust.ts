@@ -5,7 +5,7 @@
  * bundled roots (Node 20 has no option for the system store).
  */
 import { readFileSync } from 'node:fs';
-import { rootCertificates } from 'node:tls';
+import type * as Tls from 'node:tls';
 
 /** Where Linux distributions keep the system bundle (Debian/Ubuntu, Fedora/RHEL, Alpine/others). */
 const SYSTEM_BUNDLES = ['/etc/ssl/certs/ca-certificates.crt', '/etc/pki/tls/certs/ca-bundle.crt', '/etc/ssl/cert.pem'];
@@ -15,7 +15,7 @@ let cached: string[] | undefined;
 /** The CA list for https requests (read once per process). */
 export function trustedCertificates(env: NodeJS.ProcessEnv = process.env): string[] {
   if (cached) return cached;
-  const list = [...rootCertificates];
+  const list = [...(process.getBuiltinModule('node:tls') as typeof Tls).rootCertificates];
   const system = env.SSL_CERT_FILE ? [env.SSL_CERT_FILE] : SYSTEM_BUNDLES;
   for (const file of system) {
     const pem = readPem(file);
