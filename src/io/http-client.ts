@@ -93,6 +93,8 @@ export class HttpClient {
   private readonly target: HttpTarget;
   private readonly agents = new Map<string, http.Agent>();
   private closed = false;
+  /** where the URL last redirected to, when that answered */
+  private redirected?: { href: string; target: HttpTarget };
 
   constructor(
     readonly url: string,
@@ -153,15 +155,34 @@ export class HttpClient {
     }
   }
 
-  /** One request, redirects followed; resolves with the final response (body unread). */
+  /**
+   * One request, redirects followed; resolves with the final response (body unread).
+   * Where the URL redirected before, the request goes straight to where it led (a
+   * release download that redirects to object storage costs one round trip per read,
+   * not two); should that place refuse (a signed location expired: 4xx), the URL is
+   * followed afresh.
+   */
   private async follow(method: 'HEAD' | 'GET', range?: string): Promise<Exchange> {
-    let target = this.target;
-    let href = this.url;
+    const shortcut = this.redirected;
+    if (shortcut) {
+      const ex = await this.followFrom(shortcut.href, shortcut.target, method, range);
+      const status = ex.res.statusCode ?? 0;
+      if (status < 400 || status >= 500) return ex;
+      discard(ex.res);
+      if (this.redirected === shortcut) this.redirected = undefined;
+    }
+    return this.followFrom(this.url, this.target, method, range);
+  }
+
+  private async followFrom(href: string, target: HttpTarget, method: 'HEAD' | 'GET', range?: string): Promise<Exchange> {
     for (let hops = 0; ; hops++) {
       const ex = await this.send(target, method, range);
       const status = ex.res.statusCode ?? 0;
       const location = headerText(ex.res.headers.location);
-      if (!REDIRECTS.has(status) || location === '') return ex;
+      if (!REDIRECTS.has(status) || location === '') {
+        if (hops > 0 && status >= 200 && status < 300) this.redirected = { href, target };
+        return ex;
+      }
       discard(ex.res);
       if (hops >= this.tuning.maxRedirects) throw new HttpFailure(`Maximum (${this.tuning.maxRedirects}) redirects followed`, false);
       href = redirectTarget(location, href);

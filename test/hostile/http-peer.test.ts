@@ -32,6 +32,8 @@ const streamed = new Map<string, number>();
 let server: http.Server;
 let base = '';
 let flakyGets = 0;
+let signatures = 0;
+const signatureUses = new Map<string, number>();
 
 /** The env every run gets: short timeouts, so that silence fails fast. */
 const env = (): NodeJS.ProcessEnv => {
@@ -167,6 +169,21 @@ function route(req: http.IncomingMessage, res: http.ServerResponse): void {
     case '/huge-header.raw':
       res.writeHead(200, { 'Accept-Ranges': 'bytes', 'Content-Length': SIZE, 'X-Padding': 'x'.repeat(100 * 1024) }).end();
       return;
+    case '/release.raw': {
+      // a release download: redirects to a signed location that expires after three uses
+      res.writeHead(302, { Location: `${base}/signed.raw?sig=${++signatures}` }).end();
+      return;
+    }
+    case '/signed.raw': {
+      const sig = (req.url ?? '').split('sig=')[1] ?? '';
+      const uses = (signatureUses.get(sig) ?? 0) + 1;
+      signatureUses.set(sig, uses);
+      if (uses > 3) {
+        res.writeHead(403).end('expired');
+        return;
+      }
+      return serve(req, res);
+    }
     case '/head-refused.raw':
       // a presigned GET-only URL: HEAD is forbidden, ranged GETs work
       if (req.method === 'HEAD') {
@@ -265,6 +282,17 @@ describe('http(s) peers that misbehave', () => {
     await fails(['info', `${base}/huge-range.raw`], /CURL: Error opening file: Server reported an unusable file size/);
     await fails(['info', `${base}/overflow-size.raw`], /CURL: Error opening file: Weird server reply/);
     await fails(['info', `${base}/huge-header.raw`], /CURL: Error opening file: Too large response headers\n$/);
+  });
+
+  it('a redirect is remembered until its (signed) target expires, then followed afresh', async () => {
+    const out = join(tmp.path, 'release.raw');
+    const r = await qimgAsync(['convert', '-f', 'raw', '-O', 'raw', `${base}/release.raw`, out], { env: env() });
+    expect(r.status, r.stderr).toBe(0);
+    expect(readFileSync(out).equals(data)).toBe(true);
+    const redirects = hits.filter((h) => h.path === '/release.raw').length;
+    const reads = hits.filter((h) => h.path === '/signed.raw' && h.method === 'GET').length;
+    expect(redirects).toBeGreaterThan(1); // expired signatures were replaced
+    expect(redirects).toBeLessThan(reads); // but not every read paid for a redirect
   });
 
   it('a HEAD refused (a GET-only presigned URL) falls back to a one-byte range GET', async () => {
