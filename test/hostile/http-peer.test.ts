@@ -10,7 +10,7 @@ import http from 'node:http';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from '../helpers/qemu.js';
-import { qimgAsync } from '../helpers/http.js';
+import { freePort, qimgAsync } from '../helpers/http.js';
 
 const SIZE = 4 * 1024 * 1024;
 const CHUNK = 256 * 1024;
@@ -275,6 +275,11 @@ describe('http(s) peers that misbehave', () => {
   it('a silent server times out (QIMG_HTTP_TIMEOUT) at open and at read', async () => {
     await fails(['info', `${base}/mute.raw`], /CURL: Error opening file: Operation timed out after \d+ milliseconds with 0 bytes received\n$/);
     await fails(['convert', '-f', 'raw', '-O', 'raw', `${base}/silent.raw`, join(tmp.path, 's.raw')], /error while reading at byte \d+: Operation timed out after \d+ milliseconds/);
+  });
+
+  it('nobody listening: one line, no retries', async () => {
+    const port = await freePort();
+    await fails(['info', `http://127.0.0.1:${port}/x.raw`], new RegExp(`CURL: Error opening file: Failed to connect to 127\\.0\\.0\\.1 port ${port}: Couldn't connect to server\\n$`));
   });
 
   it('absurd sizes and headers are refused', async () => {
