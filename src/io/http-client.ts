@@ -111,7 +111,7 @@ export class HttpClient {
       const length = parseLength(res.headers['content-length']);
       if (length !== undefined) answer.length = length;
       if (res.headers['content-length'] !== undefined) answer.lengthHeader = headerText(res.headers['content-length']);
-      discard(res);
+      discard(res, 'HEAD');
       if (isTransientStatus(answer.status)) throw statusFailure(answer.status);
       return answer;
     });
@@ -168,7 +168,7 @@ export class HttpClient {
       const ex = await this.followFrom(shortcut.href, shortcut.target, method, range);
       const status = ex.res.statusCode ?? 0;
       if (status < 400 || status >= 500) return ex;
-      discard(ex.res);
+      discard(ex.res, method);
       if (this.redirected === shortcut) this.redirected = undefined;
     }
     return this.followFrom(this.url, this.target, method, range);
@@ -183,7 +183,7 @@ export class HttpClient {
         if (hops > 0 && status >= 200 && status < 300) this.redirected = { href, target };
         return ex;
       }
-      discard(ex.res);
+      discard(ex.res, method);
       if (hops >= this.tuning.maxRedirects) throw new HttpFailure(`Maximum (${this.tuning.maxRedirects}) redirects followed`, false);
       href = redirectTarget(location, href);
       try {
@@ -362,10 +362,14 @@ function redirectTarget(location: string, from: string): string {
   return /^https?:\/\//i.test(location) ? location : next.href;
 }
 
-/** Throws the body away: drained when small (the connection stays usable), else cut. */
-function discard(res: http.IncomingMessage): void {
+/**
+ * Throws the body away: drained when small (the connection stays usable for the next
+ * request, which saves a TLS handshake), else cut. A HEAD answer has no body, whatever
+ * its Content-Length says.
+ */
+function discard(res: http.IncomingMessage, method: 'HEAD' | 'GET' = 'GET'): void {
   const length = parseLength(res.headers['content-length']);
-  if (length !== undefined && length <= DRAIN_LIMIT) res.resume();
+  if (method === 'HEAD' || (length !== undefined && length <= DRAIN_LIMIT)) res.resume();
   else res.destroy();
 }
 
