@@ -85,6 +85,25 @@ describe.skipIf(!enabled)('http(s) sources (nginx, qemu-img curl driver as oracl
     expect(qimgOut(['info', `${http}/disk.raw`])).toContain('disk size: unavailable\n');
   });
 
+  it("--image-opts with qemu's curl driver (file.driver=http, file.url)", () => {
+    const url = `${http}/sub/rel.qcow2`;
+    for (const opts of [`driver=qcow2,file.driver=http,file.url=${url}`, `file.driver=http,file.url=${url}`]) {
+      expect(JSON.parse(qimgOut(['info', '--output=json', '--image-opts', opts])), opts).toEqual(JSON.parse(qemuOut(['info', '--output=json', '--image-opts', opts])));
+      expect(mapJson(qimgOut(['map', '--output=json', '--image-opts', opts])), opts).toEqual(mapJson(qemuOut(['map', '--output=json', '--image-opts', opts])));
+    }
+    for (const opts of ['driver=qcow2,file.driver=http', `driver=qcow2,file.driver=http,file.filename=${url}`, `driver=qcow2,file.driver=https,file.url=${url}`]) {
+      const a = qimg(['info', '--image-opts', opts]);
+      const b = qemuImg(['info', '--image-opts', opts]);
+      expect(a.status, opts).toBe(1);
+      // (qemu 7.2 adds GLib assertion noise before its line)
+      expect(asQemuLine(a.stderr), opts).toBe(b.stderr.split('\n').filter((l) => l !== '' && !l.includes('GLib')).join('\n') + '\n');
+    }
+    // curl's tuning options are refused, not ignored
+    const r = qimg(['info', '--image-opts', `driver=qcow2,file.driver=http,file.url=${url},file.sslverify=off`]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/qimg does not support the option 'sslverify' of the 'http' driver\n$/);
+  });
+
   it('measure and check equal qemu-img over the URL', () => {
     for (const name of ['top.qcow2', 'sub/rel.qcow2', 'disk.raw']) {
       const url = `${http}/${name}`;
