@@ -10,10 +10,11 @@ import { findDriver, probeDriver, type FormatDriver } from './driver.js';
 import { QimgError } from './errors.js';
 import { CacheBudget } from './cache-budget.js';
 import { backingImageOptions, type ImageOptions, type SecretStore } from './secrets.js';
-import { assertReferenceAllowed, untrustedMode } from './open-policy.js';
+import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
-import { isRemoteName, openRemote } from '../io/remote.js';
+import { isHttpName, isNbdName, isRemoteName, openRemote } from '../io/remote.js';
+import { httpDirectoryOf } from '../io/http-url.js';
 
 /** Longest backing chain qimg opens. */
 export const MAX_CHAIN_DEPTH = 256;
@@ -95,8 +96,12 @@ export function resolveRelative(name: string, imagePath: string): string {
  * and the name without normalising ("sub/../base.qcow2").
  */
 export function joinBackingName(name: string, imagePath: string): string {
-  // an export's name is complete in itself, and has no directory others are relative to
-  if (isAbsolute(name) || isRemoteName(name) || isRemoteName(imagePath)) return name;
+  // an absolute path stays a local path even under a URL, as in qemu; a URL stays itself
+  if (isAbsolute(name) || isRemoteName(name)) return name;
+  // an export's name has no directory others are relative to (see fullBackingName)
+  if (isNbdName(imagePath)) return name;
+  // under a URL: its path up to the last '/', never its query string (a signature)
+  if (isHttpName(imagePath)) return httpDirectoryOf(imagePath) + name;
   const slash = imagePath.lastIndexOf('/');
   return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
 }
@@ -106,7 +111,7 @@ export function joinBackingName(name: string, imagePath: string): string {
  * relative name in an image on an NBD export: qemu's "cannot determine actual path").
  */
 export function fullBackingName(name: string, imagePath: string): string | undefined {
-  if (isRemoteName(imagePath) && !isAbsolute(name) && !isRemoteName(name)) return undefined;
+  if (isNbdName(imagePath) && !isAbsolute(name) && !isRemoteName(name)) return undefined;
   return joinBackingName(name, imagePath);
 }
 
@@ -274,13 +279,10 @@ async function openBackingOf(
   options: OpenOptions,
   chain: string[],
 ): Promise<BlockImage> {
-  if (isRemoteName(from) && !isAbsolute(name) && !isRemoteName(name)) {
+  if (isNbdName(from) && !isAbsolute(name) && !isRemoteName(name)) {
     throw new QimgError(`Could not open '${from}': Cannot generate a base directory for NBD nodes`, { file: from });
   }
   const path = resolveRelative(name, from);
-  if (isRemoteName(path) && untrustedMode()) {
-    throw new QimgError(`backing file '${path}' is on another host (refused for untrusted images)`, { file: from });
-  }
   assertReferenceAllowed(path, from, 'backing file');
   try {
     return await openInChain(path, format, { ...options, writable: false, imageOptions: backingImageOptions(options.imageOptions) }, chain);

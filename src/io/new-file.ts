@@ -11,11 +11,21 @@ import { lockImage } from './lock.js';
 import { truncateFile } from './file.js';
 
 /**
+ * A URL names no local file (and a directory called "http:" must not make it one):
+ * creation there is refused with qemu's words.
+ */
+export function assertCreatable(path: string): void {
+  const scheme = /^(https?):\/\//i.exec(path)?.[1].toLowerCase();
+  if (scheme) throw new QimgError(`Protocol driver '${scheme}' does not support image creation`, { file: path });
+}
+
+/**
  * Opens a file for a new image: created if missing, otherwise emptied — but only once
  * QEMU's write lock is ours, so an image in use (by QEMU, or by this very command as
  * its source: `convert x.raw x.raw`) is refused untouched, as qemu-img refuses it.
  */
 export async function openNewImageFile(path: string): Promise<FileHandle> {
+  assertCreatable(path);
   let handle: FileHandle;
   try {
     handle = await open(path, constants.O_RDWR | constants.O_CREAT, 0o644);

@@ -6,8 +6,7 @@
 import { QimgError } from '../core/errors.js';
 import type { HostFile } from './host.js';
 import { NbdExportFile } from './nbd/export-file.js';
-import { ImageFile } from './file.js';
-import type { LockMode } from './lock.js';
+import { HttpFile } from './http-file.js';
 
 const NBD_NAME = /^(nbd|nbds|nbd\+tcp|nbd\+unix|nbds\+unix):/i;
 const HTTP_NAME = /^https?:\/\//i;
@@ -31,15 +30,7 @@ export interface RemoteOpenOptions {
 /** Opens the storage a remote name denotes. */
 export async function openRemote(name: string, opts: RemoteOpenOptions): Promise<HostFile> {
   if (isNbdName(name)) return NbdExportFile.open(name, opts);
+  if (isHttpName(name)) return HttpFile.open(name, { writable: opts.writable });
   throw new QimgError(`Could not open '${name}': ${opts.writable ? 'writable ' : ''}remote storage is not supported`, { file: name });
 }
 
-/**
- * Opens storage by name: a remote name through its protocol's client, any other name
- * as a local file (with `lock`). For code that reopens an image's storage itself
- * (check, amend).
- */
-export async function openHostFile(name: string, opts: { writable?: boolean; lock?: LockMode } = {}): Promise<HostFile> {
-  if (isRemoteName(name)) return openRemote(name, { writable: !!opts.writable });
-  return ImageFile.open(name, opts);
-}

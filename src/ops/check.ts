@@ -49,7 +49,7 @@ export async function checkImage(filename: string, opts: CheckOptions): Promise<
     throw new QimgError('This image format does not support checks', { file: filename, exitCode: EXIT_NO_CHECK });
   }
   // Hold QEMU's locks while checking: a repair must not race a running VM.
-  // (storage on another host takes no local locks)
+  // (remote storage has no local locks)
   const holder = opts.forceShare || isRemoteName(filename) ? null : await ImageFile.open(filename, { lock: opts.fix ? 'write' : 'read' });
   try {
     const res = await driver.check(filename, { fix: opts.fix, log: opts.log });

@@ -7,6 +7,7 @@
 import { creationRefusal, findDriver, type FormatDriver } from '../core/driver.js';
 import { QimgError } from '../core/errors.js';
 import { openImage, resolveRelative } from '../core/open.js';
+import { assertCreatable } from '../io/new-file.js';
 import { parseOptions, type ParsedOptions } from '../core/options.js';
 import { INT64_MAX, parseImageSize, roundToSectors } from '../core/size.js';
 import type { SecretStore } from '../core/secrets.js';
@@ -66,6 +67,8 @@ export async function prepareCreate(req: CreateRequest): Promise<PreparedCreate 
   if (!driver) throw new QimgError(`Unknown file format '${req.format}'`);
   const refusal = creationRefusal(driver);
   if (refusal) throw new QimgError(refusal, { file: req.filename || undefined });
+  // (before anything is printed, as qemu-img finds the protocol first)
+  assertCreatable(req.filename);
   const strings = [...req.optionStrings];
   const options = parseOptions(strings, driver.createOptions);
   if (options.help) return 'help';

@@ -72,6 +72,8 @@ const BOOL_OPTIONS = ['force-share', 'read-only', 'cache.direct', 'cache.no-flus
 const GENERIC_OPTIONS = new Set([...BOOL_OPTIONS, 'node-name']);
 
 const FILE_DRIVERS = ['file', 'host_device', 'host_cdrom'];
+/** qemu's curl protocols qimg reads (`file.driver=https,file.url=...`). */
+const CURL_DRIVERS = ['http', 'https'];
 /** The `file.` options qimg takes (the protocol node's). */
 const FILE_OPTIONS = ['filename', 'driver', 'locking'];
 
@@ -168,8 +170,8 @@ export async function resolveImage(arg: string, ctx: ResolveContext): Promise<Im
   const driver = driverName !== undefined ? findDriver(driverName) : undefined;
   if (driverName !== undefined && !driver) throw fail(`Unknown driver '${driverName}'`);
   const fileDriver = opts.get('file.driver');
-  if (fileDriver !== undefined && !FILE_DRIVERS.includes(fileDriver)) throw fail(`Unknown driver '${fileDriver}'`);
-  const path = opts.get('file.filename');
+  if (fileDriver !== undefined && !FILE_DRIVERS.includes(fileDriver) && !CURL_DRIVERS.includes(fileDriver)) throw fail(`Unknown driver '${fileDriver}'`);
+  const path = fileDriver !== undefined && CURL_DRIVERS.includes(fileDriver) ? curlUrl(fileDriver, opts, fail) : opts.get('file.filename');
   if (path === undefined) {
     throw fail(fileDriver !== undefined ? `The '${fileDriver}' block driver requires a file name` : 'A block device must be specified for "file"');
   }
@@ -241,6 +243,21 @@ export async function openResolved(spec: ImageSpec, extra: Omit<OpenOptions, 'fo
     if (spec.imageOpts && err instanceof QimgError) throw new QimgError(`Could not open '${spec.arg}': ${err.message}`, { file: '', exitCode: err.exitCode, cause: err });
     throw err;
   }
+}
+
+/**
+ * The URL of a curl protocol node, with qemu's messages for a missing or mismatched
+ * one. The curl tuning options (readahead, timeout, sslverify, cookies, credentials)
+ * are refused rather than ignored: qimg takes its own (QIMG_HTTP_TIMEOUT, the system
+ * CAs).
+ */
+function curlUrl(driver: string, opts: Map<string, string>, fail: (message: string) => QimgError): string {
+  const other = [...opts.keys()].find((k) => k.startsWith('file.') && k !== 'file.driver' && k !== 'file.url');
+  const url = opts.get('file.url');
+  if (url === undefined) throw fail("curl block driver requires an 'url' option");
+  if (!url.toLowerCase().startsWith(`${driver}://`)) throw fail(`${driver} curl driver cannot handle the URL '${url}' (does not start with '${driver}://')`);
+  if (other !== undefined) throw fail(`qimg does not support the option '${other.slice('file.'.length)}' of the '${driver}' driver`);
+  return url;
 }
 
 function statSafe(path: string) {

@@ -6,7 +6,7 @@
  * closed cleanly (in_use cleared), as qemu's close does.
  */
 import { emptyCheckCounts, type FormatCheckOptions, type ImageCheckCounts } from '../../core/driver.js';
-import { ImageFile } from '../../io/file.js';
+import { openStorage } from '../../io/storage.js';
 import { HEADER_INUSE_MAGIC, SECTOR_SIZE, batEntryOffset, serializeHeader } from './header.js';
 import { loadState } from './image.js';
 
@@ -14,7 +14,7 @@ const FIX_LEAKS = 1;
 const FIX_ERRORS = 2;
 
 export async function checkParallels(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts> {
-  const file = await ImageFile.open(filename, { writable: opts.fix !== 0 });
+  const file = await openStorage(filename, { writable: opts.fix !== 0 });
   const res: ImageCheckCounts = emptyCheckCounts();
   try {
     const s = await loadState(file, filename);

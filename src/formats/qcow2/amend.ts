@@ -7,7 +7,7 @@
  */
 import { QimgError } from '../../core/errors.js';
 import type { OptionValue } from '../../core/options.js';
-import { openHostFile } from '../../io/remote.js';
+import { openStorage } from '../../io/storage.js';
 import type { HostFile } from '../../io/host.js';
 import { writeU64 } from '../../core/units.js';
 import * as C from './constants.js';
@@ -90,7 +90,7 @@ export async function amendQcow2(img: Qcow2Image, plan: AmendPlan): Promise<void
   if (plan.version < h.version) await img.expandZeroClusters();
   await img.close();
 
-  const file = await openHostFile(img.filename, { writable: true });
+  const file = await openStorage(img.filename, { writable: true });
   try {
     if (plan.refcountBits !== 1 << h.refcountOrder) await rewriteRefcounts(file, h, plan.refcountBits);
     h.version = plan.version;

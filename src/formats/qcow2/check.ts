@@ -21,7 +21,7 @@
  */
 import { emptyCheckCounts, type ImageCheckCounts } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
-import { openHostFile } from '../../io/remote.js';
+import { openStorage } from '../../io/storage.js';
 import type { HostFile } from '../../io/host.js';
 import * as C from './constants.js';
 import { parseBitmapDirectory } from './bitmaps.js';
@@ -959,7 +959,7 @@ class Qcow2Checker {
  * Throws CheckFailedError when the check cannot complete.
  */
 export async function checkQcow2(path: string, opts: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
-  const file = await openHostFile(path, { writable: opts.fix !== 0 });
+  const file = await openStorage(path, { writable: opts.fix !== 0 });
   try {
     const h = await readHeader(file);
     const cs = 2 ** h.clusterBits;

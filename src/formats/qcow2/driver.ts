@@ -12,6 +12,8 @@ import { existsSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import { ImageFile } from '../../io/file.js';
 import type { HostFile } from '../../io/host.js';
+import { isRemoteName } from '../../io/remote.js';
+import { openStorage } from '../../io/storage.js';
 import * as C from './constants.js';
 import { decompressCluster, DecompressError } from './compress.js';
 import { lookupRun, l2OffsetFromL1, Sub, type Geometry, type Run } from './entries.js';
@@ -1028,12 +1030,13 @@ async function openQcow2(file: HostFile, ctx: OpenContext): Promise<BlockImage> 
 async function openDataFile(dataName: string, imagePath: string, writable: boolean): Promise<HostFile> {
   const candidates = [resolveRelative(dataName, imagePath)];
   // QEMU 7.2 also looked in the working directory; never for untrusted images.
-  if (!isAbsolute(dataName) && !candidates.includes(dataName) && !untrustedMode()) candidates.push(dataName);
+  // (an image behind a URL has no working directory to fall back to)
+  if (!isAbsolute(dataName) && !isRemoteName(imagePath) && !candidates.includes(dataName) && !untrustedMode()) candidates.push(dataName);
   assertReferenceAllowed(candidates[0], imagePath, 'data file');
   for (const path of candidates.slice(0, -1)) {
     if (existsSync(path)) return ImageFile.open(path, { writable });
   }
-  return ImageFile.open(candidates[candidates.length - 1], { writable });
+  return openStorage(candidates[candidates.length - 1], { writable });
 }
 
 export const qcow2Driver: FormatDriver = {

@@ -8,7 +8,7 @@ import type { FormatCheckOptions, FormatDriver, ImageCheckCounts } from '../../c
 import { QimgError, describeSystemError } from '../../core/errors.js';
 import type { OpenContext } from '../../core/open.js';
 import type { OptionSpec, OptionValue, ParsedOptions } from '../../core/options.js';
-import { ImageFile } from '../../io/file.js';
+import { openStorage } from '../../io/storage.js';
 import type { HostFile } from '../../io/host.js';
 import { checkQedFile } from './check.js';
 import {
@@ -157,7 +157,7 @@ function describeQedCreate(size: bigint, o: ParsedOptions): string {
 }
 
 async function checkQed(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts> {
-  const file = await ImageFile.open(filename, { writable: opts.fix !== 0 });
+  const file = await openStorage(filename, { writable: opts.fix !== 0 });
   try {
     const { header, l1 } = await readQed(file);
     return await checkQedFile(file, header, l1, opts.fix !== 0);

@@ -115,7 +115,7 @@ export class RawImage implements BlockImage {
       format: 'raw',
       virtualSize: this.virtualSize,
       actualSize: await this.file.allocatedSize(),
-      // qemu asks the protocol for it: an NBD export has no answer, so no dirty-flag
+      // qemu's raw asks its storage for the dirty flag; remote protocols have no answer
       dirtyFlag: this.file.remote ? undefined : false,
     };
   }

@@ -6,13 +6,13 @@
  */
 import { emptyCheckCounts, type FormatCheckOptions, type ImageCheckCounts } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
-import { ImageFile } from '../../io/file.js';
+import { openStorage } from '../../io/storage.js';
 import { readVdiMetadata } from './driver.js';
 import { isAllocated } from './header.js';
 
 export async function checkVdi(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts> {
   if (opts.fix) throw new QimgError('This image format does not support checks', { file: '', exitCode: 63 });
-  const file = await ImageFile.open(filename, { lock: 'none' });
+  const file = await openStorage(filename, { lock: 'none' });
   let meta;
   try {
     meta = await readVdiMetadata(file);

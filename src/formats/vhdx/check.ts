@@ -5,7 +5,7 @@
  * messages, one corruption each).
  */
 import { emptyCheckCounts, type FormatCheckOptions, type ImageCheckCounts } from '../../core/driver.js';
-import { ImageFile } from '../../io/file.js';
+import { openStorage } from '../../io/storage.js';
 import { newGuid, ZERO_GUID } from './format.js';
 import { updateHeaders } from './image.js';
 import { replaySequence } from './log.js';
@@ -15,7 +15,7 @@ import { programName } from '../../core/program-name.js';
 export async function checkVhdx(filename: string, opts: FormatCheckOptions): Promise<ImageCheckCounts> {
   const counts: ImageCheckCounts = emptyCheckCounts();
   // qemu opens the image read-write for any -r: the log is replayed then
-  const file = await ImageFile.open(filename, { writable: opts.fix !== 0 });
+  const file = await openStorage(filename, { writable: opts.fix !== 0 });
   try {
     await checkSignature(file);
     const hs = await readHeaders(file);

@@ -7,7 +7,7 @@
 import { CorruptImageError, QimgError, UnsupportedError } from '../../core/errors.js';
 import { resolveRelative, type OpenContext } from '../../core/open.js';
 import { assertReferenceAllowed } from '../../core/open-policy.js';
-import { ImageFile } from '../../io/file.js';
+import { openStorage } from '../../io/storage.js';
 import type { HostFile } from '../../io/host.js';
 import {
   COMPRESSION_DEFLATE,
@@ -110,7 +110,7 @@ async function openDescriptor(desc: string, file: HostFile, path: string, ctx: O
   for (const line of lines) {
     const extPath = resolveRelative(line.fname, path);
     assertReferenceAllowed(extPath, path, 'data file');
-    const ext = await ImageFile.open(extPath, { writable, lock });
+    const ext = await openStorage(extPath, { writable, lock });
     out.ownFiles.push(ext);
     if (line.type === 'FLAT' || line.type === 'VMFS') {
       const size = line.sectors * SECTOR;
