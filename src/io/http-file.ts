@@ -6,6 +6,7 @@
  */
 import { QimgError } from '../core/errors.js';
 import type { HostFile } from './host.js';
+import { ReadOnlyHost } from './read-only-host.js';
 import type { FileRun } from './sparse.js';
 import { HttpClient, HttpFailure, httpTuning, type HttpTuning } from './http-client.js';
 
@@ -16,8 +17,7 @@ const CACHE_CHUNKS = 32;
 /** Chunks fetched by one request at most (larger reads become parallel requests). */
 const CHUNKS_PER_REQUEST = 4;
 
-export class HttpFile implements HostFile {
-  readonly writable = false;
+export class HttpFile extends ReadOnlyHost implements HostFile {
   readonly remote = true;
   /** fetched chunks, least recently used first (Map keeps insertion order) */
   private readonly cache = new Map<number, Buffer>();
@@ -28,7 +28,9 @@ export class HttpFile implements HostFile {
     readonly path: string,
     readonly size: number,
     private readonly client: HttpClient,
-  ) {}
+  ) {
+    super();
+  }
 
   /**
    * Opens `url`: its size from a HEAD (Content-Length with `Accept-Ranges: bytes`, as
@@ -70,22 +72,6 @@ export class HttpFile implements HostFile {
       chunks[i].copy(buf, from - pos, from - chunkStart, to - chunkStart);
     }
   }
-
-  async readBytes(pos: number, length: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(length);
-    await this.read(buf, pos);
-    return buf;
-  }
-
-  write(): Promise<void> {
-    return Promise.reject(new QimgError('image is opened read-only', { file: this.path }));
-  }
-
-  truncate(): Promise<void> {
-    return Promise.reject(new QimgError('image is opened read-only', { file: this.path }));
-  }
-
-  async flush(): Promise<void> {}
 
   /** A web server does not tell how much storage a resource takes. */
   async allocatedSize(): Promise<undefined> {

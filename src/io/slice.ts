@@ -4,10 +4,10 @@
  */
 import { QimgError } from '../core/errors.js';
 import type { HostFile } from './host.js';
+import { ReadOnlyHost } from './read-only-host.js';
 import type { FileRun } from './sparse.js';
 
-export class SliceFile implements HostFile {
-  readonly writable = false;
+export class SliceFile extends ReadOnlyHost implements HostFile {
   constructor(
     private readonly parent: HostFile,
     private readonly start: number,
@@ -16,6 +16,7 @@ export class SliceFile implements HostFile {
     /** close the parent with this slice */
     private readonly ownsParent = false,
   ) {
+    super();
     if (start < 0 || size < 0 || start + size > parent.size) {
       throw new QimgError(`member lies outside the archive (offset ${start}, length ${size})`, { file: parent.path });
     }
@@ -26,22 +27,6 @@ export class SliceFile implements HostFile {
     if (inside > 0) await this.parent.read(inside === buf.length ? buf : buf.subarray(0, inside), this.start + pos);
     if (inside < buf.length) buf.fill(0, inside);
   }
-
-  async readBytes(pos: number, length: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(length);
-    await this.read(buf, pos);
-    return buf;
-  }
-
-  write(): Promise<void> {
-    return Promise.reject(new QimgError('image is opened read-only', { file: this.path }));
-  }
-
-  truncate(): Promise<void> {
-    return Promise.reject(new QimgError('image is opened read-only', { file: this.path }));
-  }
-
-  async flush(): Promise<void> {}
 
   async allocatedSize(): Promise<number> {
     return this.size;
