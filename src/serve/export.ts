@@ -6,6 +6,7 @@
  */
 import type { BlockImage } from '../core/block-image.js';
 import { extentAt } from '../core/block-status.js';
+import { allocIoBuffer } from '../io/buffers.js';
 import * as P from '../io/nbd/protocol.js';
 
 /** A persistent dirty bitmap as the export reads it (live while the image is open). */
@@ -129,7 +130,8 @@ export class NbdExport {
    */
   async read(offset: number, length: number, holes: boolean): Promise<ReadChunk[]> {
     if (!holes) {
-      const data = Buffer.alloc(length);
+      // every byte is overwritten by the read: no zero-fill (the allocation is on the hot path)
+      const data = allocIoBuffer(length);
       if (length > 0) await this.image.read(offset, data);
       return [{ offset, data }];
     }
@@ -148,7 +150,7 @@ export class NbdExport {
         out.push({ offset: s.offset, hole: s.length });
         continue;
       }
-      const data = Buffer.alloc(s.length);
+      const data = allocIoBuffer(s.length);
       await this.image.read(s.offset, data);
       out.push({ offset: s.offset, data });
     }

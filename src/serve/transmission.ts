@@ -4,6 +4,7 @@
  * Memory is bounded: a request's payload is at most 32 MiB, and no further request is
  * read while too many are in flight or the client is not reading its replies.
  */
+import { BufferPool, type Lease } from '../io/buffer-pool.js';
 import * as P from '../io/nbd/protocol.js';
 import { NbdRequestError, nbdErrorOf, type NbdExport, type ReadChunk } from './export.js';
 import { ProtocolViolation, type Session } from './handshake.js';
@@ -13,6 +14,8 @@ import { closeGracefully } from './wire.js';
 const MAX_IN_FLIGHT = 64;
 /** Payload bytes (reads and writes) of one connection in flight at once. */
 const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/** Write payloads up to this size (a copy's 2 MiB chunks) are read into reused buffers. */
+const PAYLOAD_BLOCK = 4 * 1024 * 1024;
 /** Reply bytes queued for a client that is not reading before its requests are left unread. */
 const MAX_QUEUED_REPLY_BYTES = 16 * 1024 * 1024;
 
@@ -42,6 +45,7 @@ export class Transmission {
   private readonly running = new Set<Promise<void>>();
   private wake: (() => void) | null = null;
   private stopping = false;
+  private readonly payloads = new BufferPool(PAYLOAD_BLOCK, 4);
 
   constructor(
     private readonly s: Session,
@@ -80,7 +84,7 @@ export class Transmission {
         if (req === null) break;
         if (this.stopping) break;
         if (req.type === P.NBD_CMD_DISC) break;
-        let payload: Buffer | undefined;
+        let payload: Lease | undefined;
         if (req.type === P.NBD_CMD_WRITE) payload = await this.readPayload(req);
         else if (this.s.extended && req.flags & P.NBD_CMD_FLAG_PAYLOAD_LEN) {
           // a payload this server never asked for: consumed (bounded), then refused
@@ -92,7 +96,8 @@ export class Transmission {
         const bytes = req.type === P.NBD_CMD_READ || req.type === P.NBD_CMD_WRITE ? Number(req.length <= BigInt(P.NBD_MAX_PAYLOAD) ? req.length : 0n) : 0;
         this.inFlight++;
         this.inFlightBytes += bytes;
-        const job: Promise<void> = this.handle(req, payload).finally(() => {
+        const job: Promise<void> = this.handle(req, payload?.buf).finally(() => {
+          payload?.release();
           this.inFlight--;
           this.inFlightBytes -= bytes;
           this.running.delete(job);
@@ -129,10 +134,20 @@ export class Transmission {
     };
   }
 
-  /** A write's payload; one larger than the limit cannot be buffered: the client is dropped. */
-  private async readPayload(req: Request): Promise<Buffer> {
+  /**
+   * A write's payload, in a pooled buffer released once the write is done (images do not
+   * keep a write's buffer); one larger than the limit cannot be buffered: the client is dropped.
+   */
+  private async readPayload(req: Request): Promise<Lease> {
     if (req.length > BigInt(P.NBD_MAX_PAYLOAD)) throw new ProtocolViolation('write payload too large');
-    return Buffer.from(await this.s.reader.read(Number(req.length)));
+    const lease = this.payloads.lease(Number(req.length));
+    try {
+      await this.s.reader.readInto(lease.buf);
+    } catch (err) {
+      lease.release();
+      throw err;
+    }
+    return lease;
   }
 
   private async handle(req: Request, payload: Buffer | undefined): Promise<void> {

@@ -19,7 +19,21 @@ export class SocketReader {
   private queued = 0;
   private ended = false;
   private waiter: (() => void) | null = null;
+  /** a payload being filled as bytes arrive (they are copied once, never queued) */
+  private direct: { target: Buffer; have: number } | null = null;
   private readonly onData = (chunk: Buffer) => {
+    const d = this.direct;
+    if (d) {
+      const n = Math.min(chunk.length, d.target.length - d.have);
+      chunk.copy(d.target, d.have, 0, n);
+      d.have += n;
+      if (d.have === d.target.length) {
+        this.direct = null;
+        this.wake();
+      }
+      if (n === chunk.length) return;
+      chunk = chunk.subarray(n);
+    }
     this.chunks.push(chunk);
     this.queued += chunk.length;
     if (this.queued > HIGH_WATER) this.socket.pause();
@@ -77,6 +91,31 @@ export class SocketReader {
     this.queued -= n;
     if (this.queued <= HIGH_WATER / 2 && this.socket.isPaused() && !this.ended) this.socket.resume();
     return out;
+  }
+
+  /** Fills `target` (a write's payload): what is queued first, then bytes as they arrive. */
+  async readInto(target: Buffer): Promise<void> {
+    let have = 0;
+    while (have < target.length && this.chunks.length > 0) {
+      const c = this.chunks[0];
+      const take = Math.min(c.length, target.length - have);
+      c.copy(target, have, 0, take);
+      have += take;
+      this.queued -= take;
+      if (take === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(take);
+    }
+    if (have === target.length) return;
+    this.direct = { target, have };
+    try {
+      while (this.direct) {
+        if (this.ended) throw new ConnectionClosed();
+        if (this.socket.isPaused()) this.socket.resume();
+        await new Promise<void>((resolve) => (this.waiter = resolve));
+      }
+    } finally {
+      this.direct = null;
+    }
   }
 
   /** Reads and drops `n` bytes in bounded pieces. */

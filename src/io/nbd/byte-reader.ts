@@ -1,23 +1,49 @@
 /**
- * Exact-length reads from a stream socket: the NBD client reads fixed headers and
- * payloads of known length. Bytes queue as they arrive; the socket is paused while
- * more than a few MiB wait unread (bounded memory whatever the peer sends), and a
- * closed or failed stream rejects the pending and every later read with one error.
+ * Exact-length reads from a stream socket, for the NBD client's handshake: bytes queue
+ * as they arrive (through the socket's `onread` hook, see socket-input.ts); the socket
+ * is paused while more than a few MiB wait unread (bounded memory whatever the peer
+ * sends), and a closed or failed stream rejects the pending and every later read with
+ * one error.
  */
 import type { Socket } from 'node:net';
+import type { InputConsumer } from './socket-input.js';
 
 /** Unread bytes past which the socket stops reading until they are consumed. */
 const HIGH_WATER = 4 * 1024 * 1024;
 
-export class ByteReader {
+/** Bytes each socket read may deliver to the reader. */
+const READ_SIZE = 64 * 1024;
+
+export class ByteReader implements InputConsumer {
   private chunks: Buffer[] = [];
   private available = 0;
   private waiter: { need: number; resolve: () => void; reject: (err: Error) => void } | undefined;
   private failure: Error | undefined;
   private paused = false;
+  private socket: Socket | undefined;
 
-  constructor(private readonly socket: Socket) {
-    socket.on('data', (data: Buffer) => this.push(data));
+  /** The socket the bytes come from (paused and resumed by the reader). */
+  attach(socket: Socket): void {
+    this.socket = socket;
+  }
+
+  /** A fresh buffer per read: queued bytes keep referring to theirs. */
+  nextBuffer(): Buffer {
+    return Buffer.allocUnsafe(READ_SIZE);
+  }
+
+  /** `data` arrived; false pauses the socket until the queue drains. */
+  received(data: Buffer): boolean {
+    this.push(data);
+    return !this.paused;
+  }
+
+  /** Hands over (and forgets) the bytes received and not read. */
+  drain(): Buffer {
+    const rest = Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.available = 0;
+    return rest;
   }
 
   /** Fails every pending and later read with `err` (the first failure wins). */
@@ -58,10 +84,7 @@ export class ByteReader {
     if (this.failure) return;
     this.chunks.push(data);
     this.available += data.length;
-    if (this.available > HIGH_WATER && !this.paused) {
-      this.paused = true;
-      this.socket.pause();
-    }
+    if (this.available > HIGH_WATER) this.paused = true;
     const w = this.waiter;
     if (w && this.available >= w.need) {
       this.waiter = undefined;
@@ -74,7 +97,7 @@ export class ByteReader {
     if (this.failure) throw this.failure;
     if (this.paused) {
       this.paused = false;
-      this.socket.resume();
+      this.socket?.resume();
     }
     await new Promise<void>((resolve, reject) => {
       this.waiter = { need: n, resolve, reject };
@@ -116,7 +139,7 @@ export class ByteReader {
   private resumeIfLow(): void {
     if (this.paused && this.available < HIGH_WATER / 2 && !this.failure) {
       this.paused = false;
-      this.socket.resume();
+      this.socket?.resume();
     }
   }
 }

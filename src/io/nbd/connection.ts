@@ -19,29 +19,14 @@ import {
   NBD_CMD_TRIM,
   NBD_CMD_WRITE,
   NBD_CMD_WRITE_ZEROES,
-  NBD_EXTENDED_REPLY_MAGIC,
   NBD_EXTENDED_REQUEST_MAGIC,
-  NBD_MAX_STRING,
-  NBD_REPLY_FLAG_DONE,
-  NBD_REPLY_TYPE_BLOCK_STATUS,
-  NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
-  NBD_REPLY_TYPE_ERROR_BIT,
-  NBD_REPLY_TYPE_ERROR_OFFSET,
-  NBD_REPLY_TYPE_NONE,
-  NBD_REPLY_TYPE_OFFSET_DATA,
-  NBD_REPLY_TYPE_OFFSET_HOLE,
   NBD_REQUEST_MAGIC,
-  NBD_SIMPLE_REPLY_MAGIC,
-  NBD_STRUCTURED_REPLY_MAGIC,
   REQUEST_HEADER_SIZE,
-  nbdErrorText,
 } from './protocol.js';
+import { ReplyParser, type NbdExtent, type Pending, type ReplyRequests } from './reply-parser.js';
+import { SocketInput } from './socket-input.js';
 
-/** One block-status descriptor: `length` bytes with NBD_STATE_* `flags`. */
-export interface NbdExtent {
-  length: number;
-  flags: number;
-}
+export type { NbdExtent } from './reply-parser.js';
 
 export interface NbdConnectOptions {
   /** milliseconds for connecting and the handshake */
@@ -62,29 +47,9 @@ export function nbdTimeoutMs(phase: 'handshake' | 'reply'): number {
 }
 
 /** Requests and payload bytes in flight at once (memory and server-queue bounds). */
-const MAX_REQUESTS_IN_FLIGHT = 16;
+const MAX_REQUESTS_IN_FLIGHT = 64;
 const MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024;
-/** The most block-status descriptors qimg accepts in one reply (qemu-nbd sends ≤ 128 Ki). */
-const MAX_STATUS_DESCRIPTORS = 1 << 20;
-/** The largest error chunk: error, message length, the message, an offset. */
-const MAX_ERROR_CHUNK = 6 + NBD_MAX_STRING + 8;
-
-interface Pending {
-  command: number;
-  offset: number;
-  length: number;
-  cost: number;
-  /** READ: where the data goes, and the ranges already filled (sorted, disjoint) */
-  buffer?: Buffer;
-  filled?: Array<[number, number]>;
-  /** BLOCK_STATUS: the answer */
-  extents?: NbdExtent[];
-  error?: NbdError;
-  resolve: (extents: NbdExtent[] | undefined) => void;
-  reject: (err: Error) => void;
-}
-
-export class NbdConnection {
+export class NbdConnection implements ReplyRequests {
   private readonly pending = new Map<bigint, Pending>();
   private nextCookie = 1n;
   private failure: NbdError | undefined;
@@ -95,26 +60,35 @@ export class NbdConnection {
 
   private constructor(
     private readonly socket: Socket,
+    input: SocketInput,
     private readonly reader: ByteReader,
     readonly info: NegotiatedExport,
     private readonly replyTimeoutMs: number,
   ) {
-    socket.on('data', () => this.replyTimer?.refresh());
-    socket.on('error', (err) => this.fail(new NbdError(`NBD connection failed: ${err.message}`)));
+    input.onActivity = () => this.replyTimer?.refresh();
+    input.switchTo(new ReplyParser(info, this));
+    // bytes that came with the end of the handshake (a server may not send any before a request)
+    const early = reader.drain();
+    if (early.length > 0) input.onread.callback(early.length, early);
+    socket.on('error', (err: NodeJS.ErrnoException) => this.fail(droppedError(err, 'NBD server closed the connection')));
     socket.on('close', () => this.fail(new NbdError('NBD server closed the connection')));
-    void this.receiveLoop();
   }
 
   /** Connects to `addr`, negotiates the export, and is ready for requests. */
   static async connect(addr: NbdAddress, opts: NbdConnectOptions = {}): Promise<NbdConnection> {
     const timeoutMs = opts.handshakeTimeoutMs ?? nbdTimeoutMs('handshake');
     let socket: Socket;
+    const reader = new ByteReader();
+    const input = new SocketInput(reader);
     try {
-      socket = addr.transport === 'unix' ? createConnection({ path: addr.socket }) : createConnection({ host: addr.host, port: addr.port });
+      socket =
+        addr.transport === 'unix'
+          ? createConnection({ path: addr.socket, onread: input.onread })
+          : createConnection({ host: addr.host, port: addr.port, onread: input.onread });
     } catch (err) {
       throw new NbdError(`Failed to connect to '${describeNbdAddress(addr)}': ${(err as Error).message}`);
     }
-    const reader = new ByteReader(socket);
+    reader.attach(socket);
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
@@ -132,13 +106,13 @@ export class NbdConnection {
       });
       socket.removeAllListeners('error');
       socket.removeAllListeners('close');
-      socket.on('error', (err) => reader.fail(new NbdError(`NBD connection failed: ${err.message}`)));
+      socket.on('error', (err: NodeJS.ErrnoException) => reader.fail(droppedError(err, 'NBD server closed the connection during the handshake')));
       socket.on('close', () => reader.fail(new NbdError('NBD server closed the connection during the handshake')));
       if (addr.transport === 'tcp') socket.setNoDelay(true);
       const info = await negotiate(socket, reader, addr.exportName);
       socket.removeAllListeners('error');
       socket.removeAllListeners('close');
-      return new NbdConnection(socket, reader, info, opts.replyTimeoutMs ?? nbdTimeoutMs('reply'));
+      return new NbdConnection(socket, input, reader, info, opts.replyTimeoutMs ?? nbdTimeoutMs('reply'));
     } catch (err) {
       socket.destroy();
       throw err;
@@ -154,6 +128,22 @@ export class NbdConnection {
 
   async write(offset: number, data: Buffer): Promise<void> {
     await this.submit(NBD_CMD_WRITE, 0, offset, data.length, data);
+  }
+
+  /**
+   * Sends a write without waiting for its answer: `sent` settles once the kernel has
+   * taken the payload (the caller may then reuse `data`: no copy is made), `done` with
+   * the server's answer.
+   */
+  writeBehind(offset: number, data: Buffer): { sent: Promise<void>; done: Promise<void> } {
+    let onSent!: (err?: Error | null) => void;
+    const sent = new Promise<void>((resolve, reject) => {
+      onSent = (err) => (err ? reject(this.failure ?? new NbdError(`NBD connection failed: ${err.message}`)) : resolve());
+    });
+    const done = this.submit(NBD_CMD_WRITE, 0, offset, data.length, data, undefined, onSent).then(() => undefined);
+    // failing before the payload went out fails `sent` too (a later call is ignored)
+    done.catch((err: Error) => onSent(err));
+    return { sent, done };
   }
 
   async writeZeroes(offset: number, length: number, flags: number): Promise<void> {
@@ -194,7 +184,15 @@ export class NbdConnection {
   }
 
   /** Sends one request and waits for its whole reply. */
-  private async submit(command: number, flags: number, offset: number, length: number, payload?: Buffer, buffer?: Buffer): Promise<NbdExtent[] | undefined> {
+  private async submit(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload?: Buffer,
+    buffer?: Buffer,
+    onSent?: (err?: Error | null) => void,
+  ): Promise<NbdExtent[] | undefined> {
     if (this.failure) throw this.failure;
     // a write carries its payload, a read's reply does: either counts against the budget
     const cost = command === NBD_CMD_WRITE || command === NBD_CMD_READ ? length : 0;
@@ -210,7 +208,7 @@ export class NbdConnection {
     this.replyTimer ??= setTimeout(() => this.fail(new NbdError(`NBD server did not reply within ${Math.round(this.replyTimeoutMs / 1000)} s`)), this.replyTimeoutMs);
     this.socket.cork();
     this.socket.write(this.requestHeader(command, flags, cookie, offset, length));
-    if (payload) this.socket.write(payload);
+    if (payload) this.socket.write(payload, onSent);
     this.socket.uncork();
     return done;
   }
@@ -237,7 +235,7 @@ export class NbdConnection {
   }
 
   /** Fails the connection: every pending and later request gets `err`. */
-  private fail(err: NbdError): void {
+  fail(err: NbdError): void {
     if (this.failure) return;
     this.failure = err;
     this.stopReplyTimer();
@@ -254,7 +252,7 @@ export class NbdConnection {
     this.replyTimer = undefined;
   }
 
-  private complete(cookie: bigint, p: Pending): void {
+  complete(cookie: bigint, p: Pending): void {
     this.pending.delete(cookie);
     this.inFlightBytes -= p.cost;
     if (this.pending.size === 0) this.stopReplyTimer();
@@ -263,182 +261,17 @@ export class NbdConnection {
     else p.resolve(p.extents);
   }
 
-  private async receiveLoop(): Promise<void> {
-    try {
-      for (;;) {
-        const magic = (await this.reader.read(4)).readUInt32BE(0);
-        if (this.info.extendedHeaders) {
-          if (magic !== NBD_EXTENDED_REPLY_MAGIC) throw protocolError(`invalid reply magic 0x${magic.toString(16)}`);
-          const h = await this.reader.read(28);
-          const length = h.readBigUInt64BE(20);
-          await this.chunk(h.readUInt16BE(0), h.readUInt16BE(2), h.readBigUInt64BE(4), length);
-        } else if (magic === NBD_SIMPLE_REPLY_MAGIC) {
-          const h = await this.reader.read(12);
-          await this.simpleReply(h.readUInt32BE(0), h.readBigUInt64BE(4));
-        } else if (magic === NBD_STRUCTURED_REPLY_MAGIC && this.info.structuredReplies) {
-          const h = await this.reader.read(16);
-          await this.chunk(h.readUInt16BE(0), h.readUInt16BE(2), h.readBigUInt64BE(4), BigInt(h.readUInt32BE(12)));
-        } else {
-          throw protocolError(`invalid reply magic 0x${magic.toString(16)}`);
-        }
-      }
-    } catch (err) {
-      this.fail(err instanceof NbdError ? err : new NbdError(`NBD connection failed: ${(err as Error).message}`));
-    }
-  }
-
-  private lookup(cookie: bigint): Pending {
+  lookup(cookie: bigint): Pending {
     const p = this.pending.get(cookie);
-    if (!p) throw protocolError(`reply for unknown cookie ${cookie}`);
+    if (!p) throw new NbdError(`NBD protocol error: reply for unknown cookie ${cookie}`);
     return p;
   }
-
-  private async simpleReply(error: number, cookie: bigint): Promise<void> {
-    const p = this.lookup(cookie);
-    if (error !== 0) {
-      p.error = commandError(error, '');
-    } else if (p.command === NBD_CMD_READ) {
-      // with structured replies a read must be answered by chunks
-      if (this.info.structuredReplies) throw protocolError('simple reply to a read');
-      await this.reader.readInto(p.buffer as Buffer);
-    } else if (p.command === NBD_CMD_BLOCK_STATUS) {
-      throw protocolError('simple reply to a block status request');
-    }
-    this.complete(cookie, p);
-  }
-
-  private async chunk(flags: number, type: number, cookie: bigint, length64: bigint): Promise<void> {
-    const p = this.lookup(cookie);
-    if (length64 > BigInt(this.maxChunkLength(p, type))) throw protocolError(`reply chunk of ${length64} bytes is too long`);
-    const length = Number(length64);
-    switch (type) {
-      case NBD_REPLY_TYPE_NONE:
-        if (length !== 0 || !(flags & NBD_REPLY_FLAG_DONE)) throw protocolError('invalid NONE chunk');
-        break;
-      case NBD_REPLY_TYPE_OFFSET_DATA: {
-        if (p.command !== NBD_CMD_READ || length < 9) throw protocolError('unexpected data chunk');
-        const at = this.chunkOffset(await this.reader.read(8), 0);
-        this.claim(p, at, length - 8);
-        const pos = at - p.offset;
-        await this.reader.readInto((p.buffer as Buffer).subarray(pos, pos + length - 8));
-        break;
-      }
-      case NBD_REPLY_TYPE_OFFSET_HOLE: {
-        if (p.command !== NBD_CMD_READ || length !== 12) throw protocolError('unexpected hole chunk');
-        const b = await this.reader.read(12);
-        const at = this.chunkOffset(b, 0);
-        const size = b.readUInt32BE(8);
-        if (size === 0) throw protocolError('empty hole chunk');
-        this.claim(p, at, size);
-        (p.buffer as Buffer).fill(0, at - p.offset, at - p.offset + size);
-        break;
-      }
-      case NBD_REPLY_TYPE_BLOCK_STATUS:
-      case NBD_REPLY_TYPE_BLOCK_STATUS_EXT:
-        await this.statusChunk(p, type, length);
-        break;
-      default:
-        if (!(type & NBD_REPLY_TYPE_ERROR_BIT)) throw protocolError(`unknown reply chunk type ${type}`);
-        await this.errorChunk(p, type, length);
-    }
-    if (flags & NBD_REPLY_FLAG_DONE) {
-      if (!p.error && p.command === NBD_CMD_READ && covered(p) !== p.length) throw protocolError('read reply is missing data');
-      if (!p.error && p.command === NBD_CMD_BLOCK_STATUS && !p.extents) throw protocolError('block status reply without extents');
-      this.complete(cookie, p);
-    }
-  }
-
-  /** The longest payload a chunk of `type` may carry for request `p`. */
-  private maxChunkLength(p: Pending, type: number): number {
-    if (type === NBD_REPLY_TYPE_OFFSET_DATA) return 8 + p.length;
-    if (type === NBD_REPLY_TYPE_BLOCK_STATUS) return 4 + 8 * MAX_STATUS_DESCRIPTORS;
-    if (type === NBD_REPLY_TYPE_BLOCK_STATUS_EXT) return 8 + 16 * MAX_STATUS_DESCRIPTORS;
-    if (type & NBD_REPLY_TYPE_ERROR_BIT) return MAX_ERROR_CHUNK;
-    return 12;
-  }
-
-  private chunkOffset(b: Buffer, at: number): number {
-    const v = b.readBigUInt64BE(at);
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw protocolError('reply chunk offset out of range');
-    return Number(v);
-  }
-
-  /** Records that [at, at + n) of a read is answered: inside the request, no overlap. */
-  private claim(p: Pending, at: number, n: number): void {
-    if (at < p.offset || at + n > p.offset + p.length) throw protocolError('reply chunk outside the requested range');
-    const ranges = p.filled as Array<[number, number]>;
-    let lo = 0;
-    let hi = ranges.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (ranges[mid][0] < at) lo = mid + 1;
-      else hi = mid;
-    }
-    if ((lo > 0 && ranges[lo - 1][1] > at) || (lo < ranges.length && ranges[lo][0] < at + n)) throw protocolError('overlapping reply chunks');
-    ranges.splice(lo, 0, [at, at + n]);
-  }
-
-  private async statusChunk(p: Pending, type: number, length: number): Promise<void> {
-    const ext = type === NBD_REPLY_TYPE_BLOCK_STATUS_EXT;
-    if (p.command !== NBD_CMD_BLOCK_STATUS || ext !== this.info.extendedHeaders) throw protocolError('unexpected block status chunk');
-    if (p.extents) throw protocolError('more than one block status chunk');
-    const headLen = ext ? 8 : 4;
-    const descLen = ext ? 16 : 8;
-    if (length < headLen + descLen || (length - headLen) % descLen !== 0) throw protocolError('invalid block status chunk length');
-    const head = await this.reader.read(headLen);
-    if (head.readUInt32BE(0) !== this.info.allocationContext) throw protocolError('block status for an unknown metadata context');
-    const count = (length - headLen) / descLen;
-    if (ext && head.readUInt32BE(4) !== count) throw protocolError('block status descriptor count does not match its length');
-    const extents: NbdExtent[] = [];
-    let total = 0;
-    // descriptors are read in bounded batches
-    for (let left = count; left > 0; ) {
-      const batch = Math.min(left, 8192);
-      const b = await this.reader.read(batch * descLen);
-      for (let i = 0; i < batch; i++) {
-        const o = i * descLen;
-        const len = ext ? b.readBigUInt64BE(o) : BigInt(b.readUInt32BE(o));
-        const flags = ext ? Number(b.readBigUInt64BE(o + 8) & 0xffffffffn) : b.readUInt32BE(o + 4);
-        if (len === 0n) throw protocolError('empty block status descriptor');
-        // only the last descriptor may reach past the request
-        if (total >= p.length) throw protocolError('block status descriptors beyond the requested range');
-        const n = Number(len > BigInt(p.length - total) ? BigInt(p.length - total) : len);
-        extents.push({ length: n, flags });
-        total += n;
-      }
-      left -= batch;
-    }
-    p.extents = extents;
-  }
-
-  private async errorChunk(p: Pending, type: number, length: number): Promise<void> {
-    if (length < 6) throw protocolError('invalid error chunk');
-    const b = await this.reader.read(length);
-    const code = b.readUInt32BE(0);
-    const msgLen = b.readUInt16BE(4);
-    const fits = type === NBD_REPLY_TYPE_ERROR_OFFSET ? 6 + msgLen + 8 === length : 6 + msgLen <= length;
-    if (code === 0 || msgLen > NBD_MAX_STRING || !fits) throw protocolError('invalid error chunk');
-    if (type === NBD_REPLY_TYPE_ERROR_OFFSET) {
-      const at = this.chunkOffset(b, 6 + msgLen);
-      if (at < p.offset || at >= p.offset + Math.max(1, p.length)) throw protocolError('error offset outside the requested range');
-    }
-    p.error ??= commandError(code, b.subarray(6, 6 + msgLen).toString('utf8'));
-  }
 }
 
-function covered(p: Pending): number {
-  let n = 0;
-  for (const [a, b] of p.filled ?? []) n += b - a;
-  return n;
-}
-
-function protocolError(what: string): NbdError {
-  return new NbdError(`NBD protocol error: ${what}`);
-}
-
-/** The server's error for one request (the connection goes on). */
-function commandError(code: number, message: string): NbdError {
-  return new NbdError(message ? `${nbdErrorText(code)} (server reported: ${message})` : nbdErrorText(code), false);
+/** A socket error: a peer that went away (reset, broken pipe) is a closed connection. */
+function droppedError(err: NodeJS.ErrnoException, closed: string): NbdError {
+  if (err.code === 'ECONNRESET' || err.code === 'EPIPE') return new NbdError(closed);
+  return new NbdError(`NBD connection failed: ${err.message}`);
 }
 
 /** qemu's words for a failed connect. */

@@ -26,10 +26,24 @@ import { parseNbdName } from './uri.js';
 const MAX_COMMAND_LENGTH = 2 ** 31;
 /**
  * Writes left in flight behind the caller (write-behind): a copy that writes one chunk
- * at a time then waits for the round trip only when this many are outstanding.
+ * at a time then waits for the round trip only when this many are outstanding. Few:
+ * a server writing many requests to one file at once makes its threads contend for
+ * the file's lock (nbdkit: 8 ms a 2 MiB request with 16 in flight, 1 ms one at a
+ * time); measured against qemu-nbd, 4 was faster than 1, 2, 8 or 16.
  */
-const MAX_WRITES_BEHIND = 16;
+const MAX_WRITES_BEHIND = 4;
 const MAX_BYTES_BEHIND = 64 * 1024 * 1024;
+/**
+ * Reads and writes go out in requests of this size (nbdcopy's default). A server answers
+ * several smaller reads concurrently, its reading of one overlapping its sending of
+ * another, where one large request is read, then sent, whole (measured against
+ * qemu-nbd: 4 GiB in 1.3 s in 256 KiB requests, 1.8 s in 2 MiB ones). For writes, a
+ * server's pwrite of 2 MiB at a 2 MiB boundary makes Linux (6.x, ext4 with large folios)
+ * fill a 2 MiB page-cache folio, measured four times slower per byte than 256 KiB ones:
+ * qemu-nbd spent 4.4 s of system time on a 2.4 GiB copy in 2 MiB requests (nbdcopy
+ * --request-size=2M alike), 2 s in 256 KiB ones.
+ */
+const REQUEST_PIECE = 256 * 1024;
 
 export class NbdExportFile implements HostFile {
   readonly remote = true;
@@ -65,6 +79,12 @@ export class NbdExportFile implements HostFile {
       throw new QimgError(`Could not open '${name}': Permission denied (the NBD export is read-only)`, { file: name });
     }
     return new NbdExportFile(name, conn, opts.writable);
+  }
+
+  /** The request size reads and writes are split to (whole server blocks, at most the maximum). */
+  private get requestPiece(): number {
+    const { minBlock, maxBlock } = this.conn.info;
+    return Math.max(minBlock, Math.min(maxBlock, alignDown(REQUEST_PIECE, minBlock)));
   }
 
   get size(): number {
@@ -108,9 +128,19 @@ export class NbdExportFile implements HostFile {
       await this.settle(pos, end);
       return this.guard('write', () => this.readModifyWrite(buf, pos));
     }
-    // The caller may reuse `buf` once this returns: the request sends a copy.
-    const data = Buffer.from(buf);
-    await this.sendBehind(pos, end, data.length, () => this.guard('write', () => this.split(pos, data.length, this.conn.info.maxBlock, (at, n) => this.conn.write(at, data.subarray(at - pos, at - pos + n)))));
+    // Write-behind without a copy: this returns once the kernel holds the payload (the
+    // caller may reuse `buf` then); the server's answer is awaited later. A copy per
+    // request would be one more pass over every byte, competing for the memory
+    // bandwidth the server on the same machine needs.
+    await this.sendBehind(pos, end, buf.length, () => {
+      const piece = this.requestPiece;
+      const requests: Array<{ sent: Promise<void>; done: Promise<void> }> = [];
+      for (let at = pos; at < end; at += piece) requests.push(this.conn.writeBehind(at, buf.subarray(at - pos, Math.min(end, at + piece) - pos)));
+      return {
+        sent: this.guard('write', () => settleAll(requests.map((r) => r.sent))),
+        done: this.guard('write', () => settleAll(requests.map((r) => r.done))),
+      };
+    });
   }
 
   /**
@@ -119,14 +149,15 @@ export class NbdExportFile implements HostFile {
    * and flushes wait for them, and a failure surfaces at the next request (at the latest at
    * the flush every writer ends with).
    */
-  private async sendBehind(start: number, end: number, bytes: number, op: () => Promise<void>): Promise<void> {
+  private async sendBehind(start: number, end: number, bytes: number, send: () => { sent: Promise<void>; done: Promise<void> }): Promise<void> {
     await this.settle(start, end);
     while (this.behind.length >= MAX_WRITES_BEHIND || (this.behind.length > 0 && this.bytesBehind + bytes > MAX_BYTES_BEHIND)) {
       await Promise.race(this.behind.map((w) => w.done));
     }
     this.throwFailure();
+    const { sent, done } = send();
     const entry = { start, end, done: Promise.resolve() };
-    entry.done = op()
+    entry.done = done
       .catch((err: unknown) => {
         this.failure ??= err;
       })
@@ -136,6 +167,7 @@ export class NbdExportFile implements HostFile {
       });
     this.behind.push(entry);
     this.bytesBehind += bytes;
+    await sent;
   }
 
   /** Waits for the writes behind that overlap [start, end) (all when omitted); then reports a failed one. */
@@ -171,7 +203,10 @@ export class NbdExportFile implements HostFile {
     const cmdFlags = (opts.mayUnmap ? 0 : NBD_CMD_FLAG_NO_HOLE) | (opts.fast ? NBD_CMD_FLAG_FAST_ZERO : 0);
     // a fast zeroing's answer decides what the caller does next: it waits for it
     if (!opts.fast && this.isAligned(pos, pos + length)) {
-      return this.sendBehind(pos, pos + length, 0, () => this.guard('write zeroes', () => this.split(pos, length, alignDown(MAX_COMMAND_LENGTH, this.conn.info.minBlock), (at, n) => this.conn.writeZeroes(at, n, cmdFlags))));
+      return this.sendBehind(pos, pos + length, 0, () => ({
+        sent: Promise.resolve(),
+        done: this.guard('write zeroes', () => this.split(pos, length, alignDown(MAX_COMMAND_LENGTH, this.conn.info.minBlock), (at, n) => this.conn.writeZeroes(at, n, cmdFlags))),
+      }));
     }
     await this.onAlignedBody(pos, length, 'write zeroes', async (at, n) => this.conn.writeZeroes(at, n, cmdFlags), (at, n) => this.writeZeroBuffers(at, n));
   }
@@ -254,7 +289,7 @@ export class NbdExportFile implements HostFile {
   }
 
   private async readAligned(buf: Buffer, pos: number): Promise<void> {
-    await this.split(pos, buf.length, this.conn.info.maxBlock, (at, n) => this.conn.read(at, buf.subarray(at - pos, at - pos + n)));
+    await this.split(pos, buf.length, this.requestPiece, (at, n) => this.conn.read(at, buf.subarray(at - pos, at - pos + n)));
   }
 
   /** Writes `buf` at an unaligned `pos` by whole server blocks. */
@@ -314,6 +349,13 @@ export class NbdExportFile implements HostFile {
       throw new QimgError(`Could not ${what}: ${messageOf(err)}`, { file: this.path, cause: err });
     }
   }
+}
+
+/** Waits for every promise; the first failure (by position) is thrown. */
+async function settleAll(all: Array<Promise<void>>): Promise<void> {
+  const results = await Promise.allSettled(all);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 function messageOf(err: unknown): string {
