@@ -14,8 +14,8 @@ import { closeGracefully } from './wire.js';
 const MAX_IN_FLIGHT = 64;
 /** Payload bytes (reads and writes) of one connection in flight at once. */
 const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
-/** Write payloads up to this size (a copy's 2 MiB chunks) are read into reused buffers. */
-const PAYLOAD_BLOCK = 4 * 1024 * 1024;
+/** Write payload buffers kept for reuse by one connection. */
+const PAYLOAD_POOL_BYTES = 16 * 1024 * 1024;
 /** Reply bytes queued for a client that is not reading before its requests are left unread. */
 const MAX_QUEUED_REPLY_BYTES = 16 * 1024 * 1024;
 
@@ -45,7 +45,7 @@ export class Transmission {
   private readonly running = new Set<Promise<void>>();
   private wake: (() => void) | null = null;
   private stopping = false;
-  private readonly payloads = new BufferPool(PAYLOAD_BLOCK, 4);
+  private readonly payloads = new BufferPool(PAYLOAD_POOL_BYTES);
 
   constructor(
     private readonly s: Session,
