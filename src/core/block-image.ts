@@ -109,6 +109,8 @@ export interface BlockImage {
 
   /** Fills `buf` with guest data from `offset`, resolving through the backing chain. */
   read(offset: number, buf: Buffer): Promise<void>;
+  /** Writes to disjoint ranges may run at once (raw: each is one positional write). */
+  readonly concurrentWrites?: boolean;
   /** Writes guest data at `offset` (the image must be open read-write); the caller may
    * reuse `data` once this resolves, so an implementation keeps no reference to it. */
   write(offset: number, data: Buffer): Promise<void>;

@@ -93,4 +93,47 @@ describe('NbdExport', () => {
     expect(() => parsePskFile(':00\n')).toThrow(/Invalid line/);
     expect(() => parsePskFile('\n')).toThrow(/No keys/);
   });
+
+  it('runs writes to disjoint ranges of a raw-like image at once, in arrival order where they overlap, flushes after all', async () => {
+    const log: string[] = [];
+    let running = 0;
+    let most = 0;
+    const content = Buffer.alloc(64);
+    const tick = () => new Promise((resolve) => setTimeout(resolve, 5));
+    const image = {
+      virtualSize: 64,
+      concurrentWrites: true,
+      async write(offset: number, data: Buffer) {
+        running++;
+        most = Math.max(most, running);
+        log.push(`start ${offset}`);
+        // later writes finish first when nothing orders them
+        await tick();
+        if (offset === 0) await tick();
+        data.copy(content, offset);
+        log.push(`end ${offset}`);
+        running--;
+      },
+      async flush() {
+        log.push(`flush (running ${running})`);
+      },
+    } as unknown as BlockImage;
+    const exp = new NbdExport(image, { name: 'x', readOnly: false, shared: false });
+    const all = [
+      exp.write(0, Buffer.alloc(16, 1)),
+      exp.write(16, Buffer.alloc(16, 2)),
+      exp.write(32, Buffer.alloc(16, 3)),
+      exp.write(8, Buffer.alloc(16, 4)), // overlaps the first two: after both
+      exp.flush(),
+      exp.write(48, Buffer.alloc(16, 5)), // after the flush
+    ];
+    await Promise.all(all);
+    expect(most).toBeGreaterThan(1);
+    expect(log.indexOf('start 8')).toBeGreaterThan(log.indexOf('end 0'));
+    expect(log.indexOf('start 8')).toBeGreaterThan(log.indexOf('end 16'));
+    expect(log.indexOf('flush (running 0)')).toBeGreaterThan(log.indexOf('end 8'));
+    expect(log.indexOf('start 48')).toBeGreaterThan(log.indexOf('flush (running 0)'));
+    expect(content).toEqual(Buffer.concat([Buffer.alloc(8, 1), Buffer.alloc(16, 4), Buffer.alloc(8, 2), Buffer.alloc(16, 3), Buffer.alloc(16, 5)]));
+    await exp.drain();
+  });
 });

@@ -28,6 +28,7 @@ export class RawImage implements BlockImage {
   readonly format = 'raw';
   readonly backing = null;
   readonly allocationUnit = 512;
+  readonly concurrentWrites = true;
   constructor(
     readonly file: HostFile,
     readonly filename: string,
