@@ -9,6 +9,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { stopPidSync } from './processes.js';
 
 const hasNbdTools = spawnSync('qemu-nbd', ['--version']).status === 0 && spawnSync('nbdinfo', ['--version']).status === 0;
 
@@ -45,53 +46,6 @@ export function bitmapsOf(file: string, format = 'qcow2', opts: { forceShare?: b
   return list.map((b) => ({ name: b.name, granularity: b.granularity, flags: [...b.flags] }));
 }
 
-const hasProc = existsSync('/proc/self/stat');
-
-/**
- * Whether `pid` still runs. A zombie counts as gone: the daemonized qemu-nbd is reparented
- * to pid 1, which may reap it late (or never, in a container), and its files (and image
- * locks) are closed already.
- */
-function alive(pid: number): boolean {
-  if (hasProc) {
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const state = stat.charAt(stat.lastIndexOf(')') + 2);
-      return state !== 'Z' && state !== 'X';
-    } catch {
-      return false;
-    }
-  }
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-const sleeper = new Int32Array(new SharedArrayBuffer(4));
-function sleepMs(ms: number): void {
-  Atomics.wait(sleeper, 0, 0, ms);
-}
-
-/** SIGTERM to `pid`, then waits (up to 5 s, then SIGKILL) until it is gone so its image lock is released. */
-function stop(pid: number): void {
-  try {
-    process.kill(pid, 'SIGTERM');
-  } catch {
-    return;
-  }
-  for (let i = 0; i < 500 && alive(pid); i++) sleepMs(10);
-  if (alive(pid)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* gone meanwhile */
-    }
-    for (let i = 0; i < 200 && alive(pid); i++) sleepMs(10);
-  }
-}
 
 /** Sorts and merges touching or overlapping ranges. */
 export function mergeRanges(ranges: Range[]): Range[] {
@@ -149,7 +103,7 @@ export function dirtyRangesOf(file: string, names: string[], format = 'qcow2'): 
     return result;
   } finally {
     if (!pid && existsSync(pidFile)) pid = Number(readFileSync(pidFile, 'utf8').trim());
-    if (pid) stop(pid);
+    if (pid) stopPidSync(pid);
     rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -8,6 +8,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { stopPidSync } from './processes.js';
 
 const hasQemuNbd = spawnSync('qemu-nbd', ['--version']).status === 0;
 const hasNbdkit = spawnSync('nbdkit', ['--version']).status === 0;
@@ -39,38 +40,8 @@ export async function freePort(): Promise<number> {
   });
 }
 
-const sleeper = new Int32Array(new SharedArrayBuffer(4));
-function sleepMs(ms: number): void {
-  Atomics.wait(sleeper, 0, 0, ms);
-}
-
-function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.charAt(stat.lastIndexOf(')') + 2);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
 /** Signals `pid` and waits (up to 5 s, then SIGKILL) until it is gone. */
-export function stopPid(pid: number, signal: NodeJS.Signals = 'SIGTERM'): void {
-  try {
-    process.kill(pid, signal);
-  } catch {
-    return;
-  }
-  for (let i = 0; i < 500 && alive(pid); i++) sleepMs(10);
-  if (alive(pid)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* gone meanwhile */
-    }
-    for (let i = 0; i < 200 && alive(pid); i++) sleepMs(10);
-  }
-}
+export const stopPid = stopPidSync;
 
 /**
  * qemu-nbd serving `file` (persistent, up to 8 clients at once, daemonized) under export name `exportName`:

@@ -118,7 +118,7 @@ describe('NbdExport', () => {
         log.push(`flush (running ${running})`);
       },
     } as unknown as BlockImage;
-    const exp = new NbdExport(image, { name: 'x', readOnly: false, shared: false });
+    const exp = new NbdExport(image, { name: 'x', readOnly: false, shared: false, allocationDepth: false });
     const all = [
       exp.write(0, Buffer.alloc(16, 1)),
       exp.write(16, Buffer.alloc(16, 2)),
