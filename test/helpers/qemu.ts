@@ -82,16 +82,26 @@ export function sha256File(path: string): string {
 /** qemu 7.2's PBKDF calibration fails now and then on virtual machines. */
 const CALIBRATION_FAILURE = /Unable to get accurate CPU usage/;
 
-/** Runs `f` again (up to 8 times) while qemu-img fails only because of its PBKDF calibration. */
+/** Attempts after a calibration failure; under a loaded machine failures come in runs, so each waits longer. */
+const CALIBRATION_RETRIES = 12;
+const calibrationPause = (attempt: number): number => 100 * attempt;
+
+/** Runs `f` again (up to 12 times, pausing a little longer each time) while qemu-img fails only because of its PBKDF calibration. */
 export async function retryingCalibration(f: () => RunResult | Promise<RunResult>): Promise<RunResult> {
   let r = await f();
-  for (let i = 0; i < 8 && r.status !== 0 && CALIBRATION_FAILURE.test(r.stderr); i++) r = await f();
+  for (let i = 1; i <= CALIBRATION_RETRIES && r.status !== 0 && CALIBRATION_FAILURE.test(r.stderr); i++) {
+    await new Promise((resolve) => setTimeout(resolve, calibrationPause(i)));
+    r = await f();
+  }
   return r;
 }
 
 /** The synchronous form, for tests that run qemu-img with spawnSync. */
 export function retryingCalibrationSync(f: () => RunResult): RunResult {
   let r = f();
-  for (let i = 0; i < 8 && r.status !== 0 && CALIBRATION_FAILURE.test(r.stderr); i++) r = f();
+  for (let i = 1; i <= CALIBRATION_RETRIES && r.status !== 0 && CALIBRATION_FAILURE.test(r.stderr); i++) {
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, calibrationPause(i));
+    r = f();
+  }
   return r;
 }
