@@ -158,24 +158,22 @@ async function openInChain(
   // excludes writers too, unless -U (or a backing file this operation reopens itself).
   const lock = options.forceShare || (chain.length > 0 && options.shareBacking) ? 'none' : writable ? 'write' : 'read';
   const file = await ImageFile.open(filename, { writable, lock });
-  try {
-    const driver = format ? findDriver(format) : undefined;
-    if (format && !driver) throw new QimgError(`Unknown driver '${format}'`);
-    return await openOnHost(file, driver, options, [...chain, real]);
-  } catch (err) {
-    await file.close().catch(() => undefined);
-    throw err;
-  }
+  return openFormatOn(file, format, options, [...chain, real]);
 }
 
 /** An image on another host (NBD export, HTTP resource): no local locks or paths. */
 async function openRemoteInChain(filename: string, format: string | undefined, options: OpenOptions, chain: string[], real: string): Promise<BlockImage> {
   const writable = chain.length === 0 && !!options.writable;
   const host = await openRemote(filename, { writable });
+  return openFormatOn(host, format, options, [...chain, real]);
+}
+
+/** The image of format `format` (probed when absent) on an open host; the host is closed if that fails. */
+async function openFormatOn(host: HostFile, format: string | undefined, options: OpenOptions, chain: string[]): Promise<BlockImage> {
   try {
     const driver = format ? findDriver(format) : undefined;
     if (format && !driver) throw new QimgError(`Unknown driver '${format}'`);
-    return await openOnHost(host, driver, options, [...chain, real]);
+    return await openOnHost(host, driver, options, chain);
   } catch (err) {
     await host.close().catch(() => undefined);
     throw err;

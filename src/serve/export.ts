@@ -2,7 +2,9 @@
  * One NBD export over a BlockImage: its size and transmission flags, the bounds checks
  * every request passes, the metadata contexts it offers, and the operations the
  * transmission phase runs. Shared by every connection to the export: writes, zeroing,
- * trims and flushes go through one queue (in arrival order), reads run beside them.
+ * trims and flushes go through one queue (in arrival order), except that writes to
+ * disjoint ranges of an image that allows it (raw) run beside each other; reads run
+ * beside them all.
  */
 import type { BlockImage } from '../core/block-image.js';
 import { extentAt } from '../core/block-status.js';

@@ -1,6 +1,6 @@
 /**
  * The transmission phase of one connection: requests read in order, run concurrently
- * (mutations queued by the export in arrival order), replies sent as each finishes.
+ * (mutations ordered by the export), replies sent as each finishes.
  * Memory is bounded: a request's payload is at most 32 MiB, and no further request is
  * read while too many are in flight or the client is not reading its replies.
  */

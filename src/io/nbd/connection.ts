@@ -214,23 +214,16 @@ export class NbdConnection implements ReplyRequests {
   }
 
   private requestHeader(command: number, flags: number, cookie: bigint, offset: number, length: number): Buffer {
-    if (this.info.extendedHeaders) {
-      const h = Buffer.alloc(EXTENDED_REQUEST_HEADER_SIZE);
-      h.writeUInt32BE(NBD_EXTENDED_REQUEST_MAGIC, 0);
-      h.writeUInt16BE(flags, 4);
-      h.writeUInt16BE(command, 6);
-      h.writeBigUInt64BE(cookie, 8);
-      h.writeBigUInt64BE(BigInt(offset), 16);
-      h.writeBigUInt64BE(BigInt(length), 24);
-      return h;
-    }
-    const h = Buffer.alloc(REQUEST_HEADER_SIZE);
-    h.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
+    const ext = this.info.extendedHeaders;
+    const h = Buffer.alloc(ext ? EXTENDED_REQUEST_HEADER_SIZE : REQUEST_HEADER_SIZE);
+    h.writeUInt32BE(ext ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC, 0);
     h.writeUInt16BE(flags, 4);
     h.writeUInt16BE(command, 6);
     h.writeBigUInt64BE(cookie, 8);
     h.writeBigUInt64BE(BigInt(offset), 16);
-    h.writeUInt32BE(length, 24);
+    // the only difference: a 64-bit length in extended headers
+    if (ext) h.writeBigUInt64BE(BigInt(length), 24);
+    else h.writeUInt32BE(length, 24);
     return h;
   }
 

@@ -334,9 +334,7 @@ export class NbdExportFile implements HostFile {
   private async split(pos: number, length: number, piece: number, op: (at: number, n: number) => Promise<void>): Promise<void> {
     const parts: Promise<void>[] = [];
     for (let at = pos; at < pos + length; at += piece) parts.push(op(at, Math.min(piece, pos + length - at)));
-    const results = await Promise.allSettled(parts);
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
+    await settleAll(parts);
   }
 
   /** Runs a request; an NBD failure becomes one QimgError naming the export. */

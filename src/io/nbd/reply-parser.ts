@@ -110,7 +110,7 @@ export class ReplyParser implements InputConsumer {
         // read in place: the bytes are where they belong (never past the step's end)
         const s = this.step;
         s.have += data.length;
-        if (s.have === s.buf.length) this.finish(s);
+        if (s.have === s.buf.length) s.then(s.buf);
       } else {
         this.feed(data);
       }
@@ -131,12 +131,8 @@ export class ReplyParser implements InputConsumer {
       data.copy(s.buf, s.have, at, at + n);
       s.have += n;
       at += n;
-      if (s.have === s.buf.length) this.finish(s);
+      if (s.have === s.buf.length) s.then(s.buf);
     }
-  }
-
-  private finish(s: Step): void {
-    s.then(s.buf);
   }
 
   /** Expects `buf.length` bytes (at once when there are none). */
