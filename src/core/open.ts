@@ -14,6 +14,7 @@ import { assertReferenceAllowed } from './open-policy.js';
 import { ImageFile } from '../io/file.js';
 import type { HostFile } from '../io/host.js';
 import { isHttpName, isNbdName, isRemoteName, openRemote } from '../io/remote.js';
+import type { NbdClientTls } from '../io/nbd/tls-client.js';
 import { httpDirectoryOf } from '../io/http-url.js';
 
 /** Longest backing chain qimg opens. */
@@ -164,8 +165,22 @@ async function openInChain(
 /** An image on another host (NBD export, HTTP resource): no local locks or paths. */
 async function openRemoteInChain(filename: string, format: string | undefined, options: OpenOptions, chain: string[], real: string): Promise<BlockImage> {
   const writable = chain.length === 0 && !!options.writable;
-  const host = await openRemote(filename, { writable });
+  const tls = remoteTls(options);
+  const host = await openRemote(filename, { writable, ...(tls ? { tls } : {}) });
   return openFormatOn(host, format, options, [...chain, real]);
+}
+
+/** --image-opts keys of an NBD export's protocol node that qimg takes (qemu's names). */
+export const NBD_TLS_CREDS_OPTION = 'file.tls-creds';
+export const NBD_TLS_HOSTNAME_OPTION = 'file.tls-hostname';
+
+/** The TLS an NBD export is opened with: `file.tls-creds=ID` (an --object) and `file.tls-hostname`. */
+function remoteTls(options: OpenOptions): NbdClientTls | undefined {
+  const id = options.imageOptions?.[NBD_TLS_CREDS_OPTION];
+  if (id === undefined) return undefined;
+  if (!options.secrets) throw new QimgError(`No TLS credentials with id '${id}'`);
+  const hostname = options.imageOptions?.[NBD_TLS_HOSTNAME_OPTION];
+  return { creds: options.secrets.tlsCreds(id), ...(hostname !== undefined ? { hostname } : {}) };
 }
 
 /** The image of format `format` (probed when absent) on an open host; the host is closed if that fails. */

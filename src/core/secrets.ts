@@ -5,14 +5,30 @@
  * Values live in Buffers, never strings, so they can be zeroed: `destroy()` wipes every
  * secret when the command is done. A secret's value never appears in a message.
  */
+import type { TlsCredsSpec } from '../io/tls-creds.js';
 import { QimgError } from './errors.js';
 
 export class SecretStore {
   private readonly secrets = new Map<string, Buffer>();
+  /** TLS credential objects (`tls-creds-psk`, `tls-creds-x509`) by id: where their keys are */
+  private readonly tls = new Map<string, TlsCredsSpec>();
+
+  /** Registers TLS credentials (their files are read when a connection uses them). */
+  addTlsCreds(spec: TlsCredsSpec): void {
+    if (this.tls.has(spec.id) || this.secrets.has(spec.id)) throw new QimgError(`attempt to add duplicate property '${spec.id}' to object (type 'container')`);
+    this.tls.set(spec.id, spec);
+  }
+
+  /** The TLS credentials `id` names, or qemu's message for an unknown id. */
+  tlsCreds(id: string): TlsCredsSpec {
+    const spec = this.tls.get(id);
+    if (!spec) throw new QimgError(`No TLS credentials with id '${id}'`);
+    return spec;
+  }
 
   /** Registers a secret (the CLI's --object parser); a second one with the same id is refused as qemu does. */
   add(id: string, value: Buffer): void {
-    if (this.secrets.has(id)) throw new QimgError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+    if (this.secrets.has(id) || this.tls.has(id)) throw new QimgError(`attempt to add duplicate property '${id}' to object (type 'container')`);
     this.secrets.set(id, value);
   }
 

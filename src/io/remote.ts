@@ -6,6 +6,7 @@
 import { QimgError } from '../core/errors.js';
 import type { HostFile } from './host.js';
 import { NbdExportFile } from './nbd/export-file.js';
+import type { NbdClientTls } from './nbd/tls-client.js';
 import { HttpFile } from './http-file.js';
 
 const NBD_NAME = /^(nbd|nbds|nbd\+tcp|nbd\+unix|nbds\+unix):/i;
@@ -25,11 +26,14 @@ export function isRemoteName(name: string): boolean {
 
 export interface RemoteOpenOptions {
   writable: boolean;
+  /** NBD: STARTTLS with these credentials */
+  tls?: NbdClientTls;
 }
 
 /** Opens the storage a remote name denotes. */
 export async function openRemote(name: string, opts: RemoteOpenOptions): Promise<HostFile> {
   if (isNbdName(name)) return NbdExportFile.open(name, opts);
+  if (opts.tls) throw new QimgError(`Could not open '${name}': tls-creds is an option of NBD exports`, { file: name });
   if (isHttpName(name)) return HttpFile.open(name, { writable: opts.writable });
   throw new QimgError(`Could not open '${name}': ${opts.writable ? 'writable ' : ''}remote storage is not supported`, { file: name });
 }

@@ -5,18 +5,11 @@
  * server-key.pem; client certificates required and checked against the CA unless
  * verify-peer=off, QEMU's default being on).
  */
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import * as tls from 'node:tls';
-import { QimgError, describeSystemError } from '../core/errors.js';
+import { parsePskFile, readCredsFile, type TlsCredsSpec } from '../io/tls-creds.js';
 
-export interface TlsCredsSpec {
-  type: 'tls-creds-psk' | 'tls-creds-x509';
-  id: string;
-  dir: string;
-  verifyPeer: boolean;
-}
+export type { TlsCredsSpec } from '../io/tls-creds.js';
 
 /** A TLS handshake that has not finished in this time drops the connection. */
 const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
@@ -26,14 +19,7 @@ export class TlsServerCreds {
 
   /** Loads the credentials from their directory (QEMU's file names); errors name the file. */
   static load(spec: TlsCredsSpec): TlsServerCreds {
-    const read = (name: string): Buffer => {
-      const path = join(spec.dir, name);
-      try {
-        return readFileSync(path);
-      } catch (err) {
-        throw new QimgError(`Unable to access credentials ${path}: ${describeSystemError(err)}`, { file: '' });
-      }
-    };
+    const read = (name: string): Buffer => readCredsFile(spec, name);
     if (spec.type === 'tls-creds-psk') {
       const keys = parsePskFile(read('keys.psk').toString('utf8'));
       const secureContext = tls.createSecureContext({ ciphers: 'PSK', minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2' });
@@ -71,19 +57,4 @@ export class TlsServerCreds {
       });
     });
   }
-}
-
-/** `username:hexkey` lines (QEMU's keys.psk); a bad line is refused. */
-export function parsePskFile(text: string): Map<string, Buffer> {
-  const keys = new Map<string, Buffer>();
-  for (const line of text.split('\n')) {
-    const l = line.trim();
-    if (l === '') continue;
-    const colon = l.indexOf(':');
-    const key = l.slice(colon + 1);
-    if (colon <= 0 || !/^([0-9a-fA-F]{2})+$/.test(key)) throw new QimgError('Invalid line in PSK credentials file keys.psk', { file: '' });
-    keys.set(l.slice(0, colon), Buffer.from(key, 'hex'));
-  }
-  if (keys.size === 0) throw new QimgError('No keys in PSK credentials file keys.psk', { file: '' });
-  return keys;
 }

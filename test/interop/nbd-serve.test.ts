@@ -4,11 +4,12 @@
  * (map, contexts, flags).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { ok, qemuAvailable, qemuImg, qemuIo, retryingCalibrationSync, run, sha256File, tempDir } from '../helpers/qemu.js';
 import { bitmapsOf, dirtyRanges, nbdToolsAvailable } from '../helpers/nbd-bitmap.js';
+import { makePskDir, makeX509Dirs } from '../helpers/tls.js';
 import { exitsWithin, freePort, qemuNbdForked, serveForeground, serveForked, stopAll, stopPid } from '../helpers/nbd-serve.js';
 
 const hasNbdcopy = run('sh', ['-c', 'command -v nbdcopy']).status === 0;
@@ -225,8 +226,7 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
   });
 
   it('speaks TLS with PSK and x509 credentials and refuses clients without TLS', async () => {
-    mkdirSync(p('psk'));
-    writeFileSync(p('psk/keys.psk'), `alice:${randomBytes(32).toString('hex')}\n`);
+    makePskDir(p('psk'));
     const port = await freePort();
     const s = serveForked(['-r', '-t', '-p', String(port), '--object', `tls-creds-psk,id=tls0,dir=${p('psk')},endpoint=server`, '--tls-creds', 'tls0', p('top.qcow2')], p('psk.pid'));
     try {
@@ -242,33 +242,7 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
 
     // x509: a CA, a server certificate for 127.0.0.1 and a client certificate
     const x = p('x509');
-    for (const d of ['', '/srv', '/cli', '/nocert']) mkdirSync(x + d, { recursive: true });
-    writeFileSync(
-      `${x}/ext.cnf`,
-      [
-        '[ca]',
-        'basicConstraints=critical,CA:TRUE',
-        'keyUsage=critical,keyCertSign,cRLSign',
-        '[srv]',
-        'basicConstraints=critical,CA:FALSE',
-        'keyUsage=critical,digitalSignature,keyEncipherment',
-        'extendedKeyUsage=serverAuth',
-        'subjectAltName=IP:127.0.0.1,DNS:localhost',
-        '[cli]',
-        'basicConstraints=critical,CA:FALSE',
-        'keyUsage=critical,digitalSignature,keyEncipherment',
-        'extendedKeyUsage=clientAuth',
-        '',
-      ].join('\n'),
-    );
-    const openssl = (args: string[]) => ok(run('openssl', args, { cwd: x }), `openssl ${args[0]}`);
-    openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca-key.pem', '-out', 'ca-cert.pem', '-days', '2', '-subj', '/CN=qimg test CA', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
-    for (const [who, cert, key] of [['srv', 'server-cert.pem', 'server-key.pem'], ['cli', 'client-cert.pem', 'client-key.pem']]) {
-      openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', `${who}/${key}`, '-out', `${who}.csr`, '-subj', `/CN=${who}`]);
-      openssl(['x509', '-req', '-in', `${who}.csr`, '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-out', `${who}/${cert}`, '-days', '2', '-extfile', 'ext.cnf', '-extensions', who]);
-      writeFileSync(`${x}/${who}/ca-cert.pem`, readFileSync(`${x}/ca-cert.pem`));
-    }
-    writeFileSync(`${x}/nocert/ca-cert.pem`, readFileSync(`${x}/ca-cert.pem`));
+    makeX509Dirs(x);
     const port2 = await freePort();
     const s2 = serveForked(['-r', '-t', '-p', String(port2), '--object', `tls-creds-x509,id=tls0,dir=${x}/srv,endpoint=server`, '--tls-creds', 'tls0', p('top.qcow2')], p('x509.pid'));
     try {

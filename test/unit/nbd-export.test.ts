@@ -2,7 +2,7 @@
 import { describe, expect, it } from 'vitest';
 import type { BlockImage } from '../../src/core/block-image.js';
 import { NbdExport, NbdRequestError } from '../../src/serve/export.js';
-import { parsePskFile } from '../../src/serve/tls.js';
+import { parsePskFile } from '../../src/io/tls-creds.js';
 import * as P from '../../src/io/nbd/protocol.js';
 
 const G = 4096;

@@ -5,6 +5,7 @@ import { SecretStore } from '../../core/secrets.js';
 import { programName } from '../../core/program-name.js';
 import { UsageError, escapeLines, printError } from '../errors.js';
 import { ObjectError, addObjects, objectHelp } from '../object-options.js';
+import { splitTlsObjects } from '../tls-objects.js';
 
 export type OutputFormat = 'human' | 'json';
 
@@ -78,7 +79,12 @@ export async function withObjects(
   const secrets = new SecretStore();
   try {
     try {
-      addObjects(secrets, defs ?? []);
+      const { tlsSpecs, others } = splitTlsObjects(defs);
+      addObjects(secrets, others);
+      for (const spec of tlsSpecs.values()) {
+        if (secrets.has(spec.id)) throw new ObjectError(`attempt to add duplicate property '${spec.id}' to object (type 'container')`);
+        secrets.addTlsCreds(spec);
+      }
     } catch (err) {
       if (err instanceof ObjectError) return reportObjectError(err, objectErrorCode);
       throw err;

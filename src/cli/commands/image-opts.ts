@@ -23,6 +23,8 @@ import { findDriver } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
 import type { BlockImage } from '../../core/block-image.js';
 import { openImage, type OpenOptions } from '../../core/open.js';
+import { NBD_DEFAULT_PORT } from '../../io/nbd/protocol.js';
+import { isNbdName } from '../../io/remote.js';
 import type { ImageOptions, SecretStore } from '../../core/secrets.js';
 import { UsageError, escapeControl, warn } from '../errors.js';
 import { ObjectError } from '../object-options.js';
@@ -44,6 +46,8 @@ export interface ImageSpec {
   imageOpts: boolean;
   /** the name `info` shows: the file name, or qemu's json:{...} when an option it keeps is set */
   displayName: string;
+  /** the format `info` shows when it is not the driver's (`driver=nbd`: the export, read as raw) */
+  displayFormat?: string;
 }
 
 export interface ResolveContext {
@@ -158,6 +162,9 @@ export async function resolveImage(arg: string, ctx: ResolveContext): Promise<Im
     opts.set(k, v);
   }
 
+  // driver=nbd: the export itself is the image (its bytes raw), as qemu opens a protocol node
+  const nbdNode = opts.get('driver') === 'nbd';
+  if (nbdNode) nbdAsFileNode(opts);
   const hasFile = [...opts.keys()].some((k) => k.startsWith('file.'));
   const ref = opts.get('file');
   if (ref !== undefined) {
@@ -170,8 +177,11 @@ export async function resolveImage(arg: string, ctx: ResolveContext): Promise<Im
   const driver = driverName !== undefined ? findDriver(driverName) : undefined;
   if (driverName !== undefined && !driver) throw fail(`Unknown driver '${driverName}'`);
   const fileDriver = opts.get('file.driver');
-  if (fileDriver !== undefined && !FILE_DRIVERS.includes(fileDriver) && !CURL_DRIVERS.includes(fileDriver)) throw fail(`Unknown driver '${fileDriver}'`);
-  const path = fileDriver !== undefined && CURL_DRIVERS.includes(fileDriver) ? curlUrl(fileDriver, opts, fail) : opts.get('file.filename');
+  if (fileDriver !== undefined && !FILE_DRIVERS.includes(fileDriver) && !CURL_DRIVERS.includes(fileDriver) && fileDriver !== 'nbd') throw fail(`Unknown driver '${fileDriver}'`);
+  const nbd = fileDriver === 'nbd' || (fileDriver === undefined && isNbdName(opts.get('file.filename') ?? ''));
+  // an NBD export's TLS options go to the protocol client (core/open.ts), not to the format
+  const protocolOptions: Record<string, string> = {};
+  const path = nbd ? nbdName(opts, protocolOptions, fail) : fileDriver !== undefined && CURL_DRIVERS.includes(fileDriver) ? curlUrl(fileDriver, opts, fail) : opts.get('file.filename');
   if (path === undefined) {
     throw fail(fileDriver !== undefined ? `The '${fileDriver}' block driver requires a file name` : 'A block device must be specified for "file"');
   }
@@ -211,7 +221,7 @@ export async function resolveImage(arg: string, ctx: ResolveContext): Promise<Im
   const wantBacking = !!ctx.opensBacking && formatKeys.some((k) => k.startsWith('backing.'));
   let layer: Layer;
   try {
-    layer = await openLayer(path, driver?.name, ctx.secrets, imageOptions, wantBacking);
+    layer = await openLayer(path, driver?.name, ctx.secrets, { ...imageOptions, ...protocolOptions }, wantBacking);
   } catch (err) {
     throw fail(err instanceof Error ? err.message : String(err));
   }
@@ -225,10 +235,11 @@ export async function resolveImage(arg: string, ctx: ResolveContext): Promise<Im
     arg,
     path,
     format: layer.format,
-    imageOptions: passedOptions(imageOptions),
+    imageOptions: withProtocolOptions(passedOptions(imageOptions), protocolOptions),
     forceShare,
     imageOpts: true,
     displayName: displayName(path, layer.format, imageOptions),
+    ...(nbdNode ? { displayFormat: 'nbd' } : {}),
   };
 }
 
@@ -258,6 +269,66 @@ function curlUrl(driver: string, opts: Map<string, string>, fail: (message: stri
   if (!url.toLowerCase().startsWith(`${driver}://`)) throw fail(`${driver} curl driver cannot handle the URL '${url}' (does not start with '${driver}://')`);
   if (other !== undefined) throw fail(`qimg does not support the option '${other.slice('file.'.length)}' of the '${driver}' driver`);
   return url;
+}
+
+/** `driver=nbd,KEY=...` as `driver=raw,file.driver=nbd,file.KEY=...` (the block layer's own options stay on top). */
+function nbdAsFileNode(opts: Map<string, string>): void {
+  const moved = [...opts.entries()].filter(([k]) => k !== 'driver' && !GENERIC_OPTIONS.has(k));
+  for (const [k] of moved) opts.delete(k);
+  opts.set('driver', 'raw');
+  opts.set('file.driver', 'nbd');
+  for (const [k, v] of moved) opts.set(`file.${k}`, v);
+}
+
+/** The options of qemu's nbd protocol node qimg takes (`server.*` or the legacy `host`/`port`/`path`, or a `filename` URL). */
+const NBD_OPTIONS = ['driver', 'filename', 'server.type', 'server.host', 'server.port', 'server.path', 'host', 'port', 'path', 'export', 'tls-creds', 'tls-hostname'];
+
+/**
+ * The NBD name (see io/nbd/uri.ts) the `file.` options of an nbd node give: a
+ * `filename` URL, or an address (`server.type=inet|unix` with `server.host`,
+ * `server.port`, `server.path`; or the legacy `host`, `port`, `path`) and `export`.
+ * The TLS options (`tls-creds`, `tls-hostname`) go into `protocol`. qemu's messages.
+ */
+function nbdName(opts: Map<string, string>, protocol: Record<string, string>, fail: (message: string) => QimgError): string {
+  const nbd = new Map([...opts.entries()].filter(([k]) => k.startsWith('file.')).map(([k, v]) => [k.slice('file.'.length), v]));
+  const other = [...nbd.keys()].find((k) => !NBD_OPTIONS.includes(k));
+  if (other !== undefined) throw fail(`Block protocol 'nbd' doesn't support the option '${other}'`);
+  for (const k of ['tls-creds', 'tls-hostname']) if (nbd.has(k)) protocol[`file.${k}`] = nbd.get(k)!;
+  const address = ['server.type', 'server.host', 'server.port', 'server.path', 'host', 'port', 'path', 'export'].filter((k) => nbd.has(k));
+  const url = nbd.get('filename');
+  if (url !== undefined) {
+    if (address.length > 0) throw fail('No valid URL specified');
+    return url;
+  }
+  const legacy = ['host', 'port', 'path'].some((k) => nbd.has(k));
+  // (qemu names the members of server without their prefix in these messages)
+  const modern = [...nbd.keys()].some((k) => k.startsWith('server.'));
+  if (legacy && modern) throw fail("Cannot use 'server' and path/host/port at the same time");
+  const type = modern ? nbd.get('server.type') : nbd.has('path') ? 'unix' : nbd.has('host') ? 'inet' : undefined;
+  const host = nbd.get(modern ? 'server.host' : 'host');
+  const port = nbd.get(modern ? 'server.port' : 'port');
+  const socket = nbd.get(modern ? 'server.path' : 'path');
+  if (type === undefined) throw fail(modern ? "Parameter 'server.type' is missing" : 'NBD server address missing');
+  // the names qemu gives such a node (nbd_refresh_filename): no export, no path after the address
+  const exportName = nbd.get('export') ?? '';
+  const exportPath = exportName === '' ? '' : `/${encodeURIComponent(exportName)}`;
+  if (type === 'unix') {
+    if (!legacy && host !== undefined) throw fail("Parameter 'server.host' is unexpected");
+    if (legacy && (host !== undefined || port !== undefined)) throw fail('path and host may not be used at the same time');
+    if (socket === undefined || socket === '') throw fail("Parameter 'path' is missing");
+    return `nbd+unix://${exportPath}?socket=${socket.replace(/[%&#]/g, encodeURIComponent)}`;
+  }
+  if (type !== 'inet') throw fail(`qimg does not support NBD server.type '${type}'`);
+  if (socket !== undefined) throw fail(`Parameter '${modern ? 'server.path' : 'path'}' is unexpected`);
+  if (host === undefined || host === '') throw fail("Parameter 'host' is missing");
+  if (port !== undefined && !/^\d+$/.test(port)) throw fail(`error parsing address '${host}:${port}'`);
+  return `nbd://${host.includes(':') ? `[${host}]` : encodeURIComponent(host)}:${port ?? NBD_DEFAULT_PORT}${exportPath}`;
+}
+
+/** The format's options with the protocol node's (an NBD export's TLS) beside them. */
+function withProtocolOptions(options: ImageOptions | undefined, protocol: Record<string, string>): ImageOptions | undefined {
+  if (Object.keys(protocol).length === 0) return options;
+  return { ...options, ...protocol };
 }
 
 function statSafe(path: string) {

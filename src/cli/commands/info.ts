@@ -36,12 +36,13 @@ export function registerInfo(program: Command, run: (file: string | undefined, f
           const extras = { secrets, imageOptions: spec.imageOptions };
           if (opts.backingChain) {
             const infos = await chainInfo(spec.path, spec.format, spec.forceShare, extras);
-            infos[0] = { ...infos[0], filename: spec.displayName };
+            infos[0] = { ...infos[0], filename: spec.displayName, format: spec.displayFormat ?? infos[0].format };
             if (output === 'json') await writeOut(prettyJson(infos.map(infoJson)) + '\n');
             else await writeOut(infos.map((i) => infoHuman(i, { tables: tablesOn() })).join('\n'));
             return;
           }
-          const info = { ...(await imageInfo(spec.path, spec.format, spec.forceShare, extras)), filename: spec.displayName };
+          const found = await imageInfo(spec.path, spec.format, spec.forceShare, extras);
+          const info = { ...found, filename: spec.displayName, format: spec.displayFormat ?? found.format };
           await writeOut(output === 'json' ? prettyJson(infoJson(info)) + '\n' : infoHuman(info, { tables: tablesOn() }));
         }),
       ),

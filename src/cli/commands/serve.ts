@@ -15,7 +15,7 @@ import { NbdExport, type ExportedBitmap } from '../../serve/export.js';
 import { NbdServer, type ListenAddress } from '../../serve/server.js';
 import { TlsServerCreds, type TlsCredsSpec } from '../../serve/tls.js';
 import { UsageError } from '../errors.js';
-import { ObjectError, parseKeyval, type KvDict } from '../object-options.js';
+import { splitTlsObjects } from '../tls-objects.js';
 import { addImageOptsOption, addObjectOption, withObjects } from './common.js';
 import { openResolved, resolveImage } from './image-opts.js';
 
@@ -66,7 +66,7 @@ export function registerServe(program: Command, run: (file: string | undefined, 
     .argument('<filename>')
     .action((filename: string, opts: ServeFlags) =>
       run(opts.imageOpts ? undefined : filename, async () => {
-        const { tlsSpecs, others } = splitTlsObjects(opts.object);
+        const { tlsSpecs, others } = splitTlsObjects(opts.object, 'server');
         const settings = checkFlags(opts, tlsSpecs);
         if (opts.fork && process.env[DAEMON_ENV] !== '1') return forkServer();
         const daemon = process.env[DAEMON_ENV] === '1';
@@ -152,51 +152,6 @@ async function exportedBitmap(img: BlockImage, name: string, readOnly: boolean):
   const b = await img.dirtyBitmap(name);
   if (b.enabled && !readOnly) throw new QimgError(`Enabled bitmap '${name}' incompatible with writable export`, { file: '' });
   return { name, granularity: b.granularity, bits: b.bits };
-}
-
-/**
- * The --object definitions of TLS credentials (which the server takes) apart from the
- * others (secrets, created as every command creates them).
- */
-function splitTlsObjects(defs: readonly string[]): { tlsSpecs: Map<string, TlsCredsSpec>; others: string[] } {
-  const tlsSpecs = new Map<string, TlsCredsSpec>();
-  const others: string[] = [];
-  for (const def of defs) {
-    let dict: KvDict;
-    try {
-      dict = parseKeyval(def, 'qom-type').dict;
-    } catch {
-      others.push(def); // the common parser reports it
-      continue;
-    }
-    const type = dict.get('qom-type');
-    if (type !== 'tls-creds-psk' && type !== 'tls-creds-x509') {
-      others.push(def);
-      continue;
-    }
-    const str = (key: string): string | undefined => {
-      const v = dict.get(key);
-      if (v instanceof Map) throw new ObjectError(`Parameters '${key}.*' are unexpected`);
-      return v;
-    };
-    for (const key of dict.keys()) {
-      if (!['qom-type', 'id', 'dir', 'endpoint', 'verify-peer', 'username', 'priority', 'loaded', 'sanity-check'].includes(key)) {
-        throw new ObjectError(`Parameter '${key}' is unexpected`);
-      }
-    }
-    const id = str('id');
-    if (id === undefined) throw new ObjectError("Parameter 'id' is missing");
-    const dir = str('dir');
-    if (dir === undefined) throw new ObjectError(`${type}: Missing 'dir' property value`);
-    const endpoint = str('endpoint') ?? 'client';
-    if (endpoint !== 'server' && endpoint !== 'client') throw new ObjectError(`Parameter 'endpoint' does not accept value '${endpoint}'`);
-    if (endpoint !== 'server') throw new ObjectError('Expecting TLS credentials with a server endpoint');
-    const verify = str('verify-peer') ?? 'on';
-    if (!['on', 'yes', 'true', 'y', 'off', 'no', 'false', 'n'].includes(verify)) throw new ObjectError("Parameter 'verify-peer' expects 'on' or 'off'");
-    if (tlsSpecs.has(id)) throw new ObjectError(`attempt to add duplicate property '${id}' to object (type 'container')`);
-    tlsSpecs.set(id, { type, id, dir, verifyPeer: ['on', 'yes', 'true', 'y'].includes(verify) });
-  }
-  return { tlsSpecs, others };
 }
 
 function writePidFile(path: string): void {

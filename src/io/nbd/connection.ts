@@ -25,6 +25,7 @@ import {
 } from './protocol.js';
 import { ReplyParser, type NbdExtent, type Pending, type ReplyRequests } from './reply-parser.js';
 import { SocketInput } from './socket-input.js';
+import { startClientTls, type NbdClientTls } from './tls-client.js';
 
 export type { NbdExtent } from './reply-parser.js';
 
@@ -33,6 +34,8 @@ export interface NbdConnectOptions {
   handshakeTimeoutMs?: number;
   /** milliseconds a server with requests pending may stay silent */
   replyTimeoutMs?: number;
+  /** STARTTLS with these credentials before anything else */
+  tls?: NbdClientTls;
 }
 
 /**
@@ -80,21 +83,48 @@ export class NbdConnection implements ReplyRequests {
     let socket: Socket;
     const reader = new ByteReader();
     const input = new SocketInput(reader);
+    // a TLS session reads the socket itself: its plaintext is fed to the consumers
+    const onread = opts.tls ? undefined : input.onread;
     try {
       socket =
         addr.transport === 'unix'
-          ? createConnection({ path: addr.socket, onread: input.onread })
-          : createConnection({ host: addr.host, port: addr.port, onread: input.onread });
+          ? createConnection({ path: addr.socket, ...(onread ? { onread } : {}) })
+          : createConnection({ host: addr.host, port: addr.port, ...(onread ? { onread } : {}) });
     } catch (err) {
       throw new NbdError(`Failed to connect to '${describeNbdAddress(addr)}': ${(err as Error).message}`);
     }
+    let wire: Socket = socket;
+    const feed = (chunk: Buffer) => {
+      if (!input.feed(chunk)) wire.pause();
+    };
+    if (!onread) socket.on('data', feed);
     reader.attach(socket);
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
       reader.fail(new NbdError(`NBD server did not complete the handshake within ${Math.round(timeoutMs / 1000)} s`));
+      wire.destroy();
       socket.destroy();
     }, timeoutMs);
+    const watch = (s: Socket) => {
+      s.on('error', (err: NodeJS.ErrnoException) => reader.fail(droppedError(err, 'NBD server closed the connection during the handshake')));
+      s.on('close', () => reader.fail(new NbdError('NBD server closed the connection during the handshake')));
+    };
+    const startTls = opts.tls
+      ? async (): Promise<Socket> => {
+          socket.off('data', feed);
+          socket.removeAllListeners('error');
+          socket.removeAllListeners('close');
+          // the raw socket's errors surface through the TLS session from here on
+          socket.on('error', () => undefined);
+          const secure = await startClientTls(socket, opts.tls!, addr.transport === 'tcp' ? addr.host : undefined);
+          wire = secure;
+          secure.on('data', feed);
+          reader.attach(secure);
+          watch(secure);
+          return secure;
+        }
+      : undefined;
     try {
       await new Promise<void>((resolve, reject) => {
         socket.once('connect', resolve);
@@ -106,14 +136,14 @@ export class NbdConnection implements ReplyRequests {
       });
       socket.removeAllListeners('error');
       socket.removeAllListeners('close');
-      socket.on('error', (err: NodeJS.ErrnoException) => reader.fail(droppedError(err, 'NBD server closed the connection during the handshake')));
-      socket.on('close', () => reader.fail(new NbdError('NBD server closed the connection during the handshake')));
+      watch(socket);
       if (addr.transport === 'tcp') socket.setNoDelay(true);
-      const info = await negotiate(socket, reader, addr.exportName);
-      socket.removeAllListeners('error');
-      socket.removeAllListeners('close');
-      return new NbdConnection(socket, input, reader, info, opts.replyTimeoutMs ?? nbdTimeoutMs('reply'));
+      const info = await negotiate(socket, reader, addr.exportName, startTls);
+      wire.removeAllListeners('error');
+      wire.removeAllListeners('close');
+      return new NbdConnection(wire, input, reader, info, opts.replyTimeoutMs ?? nbdTimeoutMs('reply'));
     } catch (err) {
+      wire.destroy();
       socket.destroy();
       throw err;
     } finally {

@@ -20,6 +20,7 @@ import {
   NBD_STATE_HOLE,
   NBD_STATE_ZERO,
 } from './protocol.js';
+import type { NbdClientTls } from './tls-client.js';
 import { parseNbdName } from './uri.js';
 
 /** The longest zeroing, trim or block-status request (lengths are 32-bit on the wire). */
@@ -66,11 +67,11 @@ export class NbdExportFile implements HostFile {
   ) {}
 
   /** Connects to the export `name` denotes (see uri.ts for the names). */
-  static async open(name: string, opts: { writable: boolean }): Promise<NbdExportFile> {
+  static async open(name: string, opts: { writable: boolean; tls?: NbdClientTls }): Promise<NbdExportFile> {
     const addr = parseNbdName(name);
     let conn: NbdConnection;
     try {
-      conn = await NbdConnection.connect(addr);
+      conn = await NbdConnection.connect(addr, opts.tls ? { tls: opts.tls } : {});
     } catch (err) {
       throw new QimgError(`Could not open '${name}': ${messageOf(err)}`, { file: name, cause: err });
     }

@@ -24,6 +24,7 @@ import {
   NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_ERR_UNKNOWN,
@@ -64,7 +65,11 @@ const OLDSTYLE_MAGIC = 0x00420281861253n;
 /** The largest option reply qimg reads (an error message or an info reply is far less). */
 const MAX_OPTION_REPLY = NBD_MAX_STRING + 64;
 
-export async function negotiate(socket: Socket, reader: ByteReader, exportName: string): Promise<NegotiatedExport> {
+/**
+ * The handshake on `socket`; with `startTls`, NBD_OPT_STARTTLS comes first and every
+ * later option goes over the TLS session it returns (which then carries the reader's bytes).
+ */
+export async function negotiate(socket: Socket, reader: ByteReader, exportName: string, startTls?: () => Promise<Socket>): Promise<NegotiatedExport> {
   const greeting = await reader.read(18);
   if (greeting.readBigUInt64BE(0) !== NBDMAGIC) throw new NbdError('Not an NBD server: invalid magic received');
   const second = greeting.readBigUInt64BE(8);
@@ -78,6 +83,15 @@ export async function negotiate(socket: Socket, reader: ByteReader, exportName: 
   socket.write(clientFlags);
 
   const options = new OptionChannel(socket, reader);
+  if (startTls) {
+    options.send(NBD_OPT_STARTTLS);
+    const { type, data } = await options.reply(NBD_OPT_STARTTLS);
+    if (type !== NBD_REP_ACK) {
+      const detail = data.length > 0 ? ` (server reported: ${data.toString('utf8')})` : '';
+      throw new NbdError(type === NBD_REP_ERR_POLICY || type === NBD_REP_ERR_UNSUP || type === NBD_REP_ERR_INVALID ? `The NBD server does not support TLS${detail}` : `The NBD server refused TLS (reply ${type >>> 0})${detail}`);
+    }
+    options.socket = await startTls();
+  }
   // extended headers when offered (they include structured replies), else structured replies
   const extendedHeaders = (await options.simple(NBD_OPT_EXTENDED_HEADERS)) === NBD_REP_ACK;
   const structuredReplies = !extendedHeaders && (await options.simple(NBD_OPT_STRUCTURED_REPLY)) === NBD_REP_ACK;
@@ -93,7 +107,7 @@ export async function negotiate(socket: Socket, reader: ByteReader, exportName: 
 /** Option requests and their replies. */
 class OptionChannel {
   constructor(
-    private readonly socket: Socket,
+    public socket: Socket,
     readonly reader: ByteReader,
   ) {}
 
@@ -232,7 +246,7 @@ function optionError(type: number, data: Buffer, exportName: string): NbdError {
     case NBD_REP_ERR_POLICY:
       return new NbdError(`Requested export '${exportName}' is forbidden by server policy${detail}`);
     case NBD_REP_ERR_TLS_REQD:
-      return new NbdError(`The NBD server requires TLS, which qimg does not support${detail}`);
+      return new NbdError(`The NBD server requires TLS: name credentials with tls-creds=ID in --image-opts${detail}`);
     case NBD_REP_ERR_INVALID:
       return new NbdError(`The NBD server rejected the request as invalid${detail}`);
     case NBD_REP_ERR_PLATFORM:

@@ -29,6 +29,23 @@ export class SocketInput {
     this.consumer = consumer;
   }
 
+  /**
+   * Bytes that arrived as a stream chunk rather than through `onread` (a TLS session's
+   * plaintext): copied into the buffers the consumers name, as a read would fill them;
+   * false when the socket should pause.
+   */
+  feed(chunk: Buffer): boolean {
+    let more = true;
+    for (let at = 0; at < chunk.length; ) {
+      const buf = this.onread.buffer();
+      const n = Math.min(buf.length, chunk.length - at);
+      chunk.copy(buf, 0, at, at + n);
+      at += n;
+      if (!this.onread.callback(n, buf)) more = false;
+    }
+    return more;
+  }
+
   /** The `onread` option of net.createConnection. */
   readonly onread = {
     buffer: (): Buffer => this.consumer.nextBuffer(),
