@@ -496,8 +496,12 @@ describe.skipIf(!enabled)('check command line', () => {
   it('-r with a bad value', () => {
     const p = base();
     const m = qimg(['check', '-r', 'bogus', p]);
+    const q = qemuImg(['check', '-r', 'bogus', p]);
     expect(m.status).toBe(1);
-    expect(m.stderr).toContain("Unknown option value for -r (expecting 'leaks' or 'all'): bogus");
+    expect(q.status).toBe(1);
+    // the same two lines, qemu-img's name swapped for qimg's
+    expect(m.stderr).toBe(q.stderr.replace(/qemu-img/g, 'qimg'));
+    expect(m.stderr).toContain("Unknown option value for -r (expecting 'leaks' or 'all'): bogus\nTry 'qimg --help' for more information");
   });
 
   it('-r with -U is refused', () => {

@@ -2,7 +2,8 @@
 import type { Command } from 'commander';
 import { QimgError } from '../../core/errors.js';
 import { checkExitCode, checkImage, FIX_ERRORS, FIX_LEAKS, type ImageCheck } from '../../ops/check.js';
-import { UsageError, escapeLines } from '../errors.js';
+import { escapeLines, writeErrorLines } from '../errors.js';
+import { programName } from '../../core/program-name.js';
 import { prettyJson } from '../output/json.js';
 import { checkFinding, checkSummary } from '../output/style.js';
 import type { ImageOptions, SecretStore } from '../../core/secrets.js';
@@ -53,7 +54,11 @@ export function registerCheck(program: Command, run: (file: string | undefined, 
         if (opts.repair !== undefined) {
           if (opts.repair === 'leaks') fix = FIX_LEAKS;
           else if (opts.repair === 'all') fix = FIX_LEAKS | FIX_ERRORS;
-          else throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${opts.repair}`);
+          else {
+            // qemu-img's error_exit: the message and its "Try" line
+            writeErrorLines(`${programName()}: Unknown option value for -r (expecting 'leaks' or 'all'): ${opts.repair}`, `Try '${programName()} --help' for more information`);
+            return 1;
+          }
         }
         checkCacheMode(opts.cache, 'source cache');
         if (fix && opts.forceShare) {
