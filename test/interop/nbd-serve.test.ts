@@ -4,10 +4,10 @@
  * (map, contexts, flags).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { ok, qemuAvailable, qemuImg, qemuIo, retryingCalibrationSync, run, sha256File, tempDir } from '../helpers/qemu.js';
+import { ok, qemuAvailable, qemuImg, qemuIo, qimg, retryingCalibrationSync, run, sha256File, tempDir } from '../helpers/qemu.js';
 import { bitmapsOf, dirtyRanges, nbdToolsAvailable } from '../helpers/nbd-bitmap.js';
 import { makePskDir, makeX509Dirs } from '../helpers/tls.js';
 import { exitsWithin, freePort, qemuNbdForked, serveForeground, serveForked, stopAll, stopPid } from '../helpers/nbd-serve.js';
@@ -185,7 +185,6 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
     await exitsWithin(first.pid, 5000);
     expect(existsSync(p('st.sock'))).toBe(true);
     const second = serveForked(['-r', '-k', p('st.sock'), p('top.qcow2')], p('st2.pid'));
-    const { qimg } = await import('../helpers/qemu.js');
     const third = qimg(['serve', '-r', '-k', p('st.sock'), p('top.qcow2')]);
     expect(third.status).toBe(1);
     expect(third.stderr).toContain('Address already in use');
@@ -225,6 +224,54 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
     expect(sha256File(p('l1.raw'))).toBe(sha256File(p('l-ref.raw')));
   });
 
+  it('-s serves a temporary overlay: clients write, the image (a chain, an encrypted qcow2) never changes, the overlay is gone at exit', async () => {
+    const tmp = p('tmp-s');
+    mkdirSync(tmp);
+    const before = sha256File(p('top.qcow2'));
+    const baseBefore = sha256File(p('base.qcow2'));
+    const saved = process.env.TMPDIR;
+    process.env.TMPDIR = tmp;
+    let s: ReturnType<typeof serveForked>;
+    try {
+      s = serveForked(['-s', '-t', '-k', p('s.sock'), p('top.qcow2')], p('s.pid'));
+    } finally {
+      if (saved === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = saved;
+    }
+    try {
+      expect(readdirSync(tmp)).toHaveLength(1);
+      // writable (qemu-nbd -s is), reads see the writes and the image below them
+      expect(nbdInfo(sock('s.sock'))['is_read_only']).toBe(false);
+      ok(qemuIo(['-f', 'raw', '-c', 'write -P 0x99 0 128k', '-c', 'write -z 512k 64k', sock('s.sock')]));
+      ok(qemuIo(['-f', 'raw', '-c', 'read -P 0x99 0 128k', '-c', 'read -P 0 512k 64k', '-c', 'read -P 0x33 576k 64k', '-c', 'read -P 0x22 2M 64k', sock('s.sock')]));
+      // a second client sees the first one's writes
+      ok(qemuIo(['-f', 'raw', '-c', 'read -P 0x99 64k 64k', sock('s.sock')]));
+    } finally {
+      await stopPid(s.pid);
+    }
+    expect(sha256File(p('top.qcow2'))).toBe(before);
+    expect(sha256File(p('base.qcow2'))).toBe(baseBefore);
+    expect(readdirSync(tmp)).toEqual([]);
+    ok(qemuImg(['check', p('top.qcow2')]));
+
+    // an encrypted image: its --image-opts key reaches the overlay's backing file
+    const secret = ['--object', 'secret,id=sec1,data=hunter3'];
+    ok(retryingCalibrationSync(() => qemuImg(['create', '-q', ...secret, '-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=sec1,encrypt.iter-time=10', p('es.qcow2'), '1M'])));
+    ok(qemuIo([...secret, '--image-opts', '-c', 'write -P 0x5f 0 256k', `driver=qcow2,file.filename=${p('es.qcow2')},encrypt.key-secret=sec1`]));
+    const encBefore = sha256File(p('es.qcow2'));
+    const e = serveForked(['-s', '-t', '-k', p('es.sock'), ...secret, '--image-opts', `driver=qcow2,file.filename=${p('es.qcow2')},encrypt.key-secret=sec1`], p('es.pid'));
+    try {
+      ok(qemuIo(['-f', 'raw', '-c', 'read -P 0x5f 0 256k', '-c', 'write -P 0x60 0 64k', '-c', 'read -P 0x60 0 64k', '-c', 'read -P 0x5f 64k 192k', sock('es.sock')]));
+    } finally {
+      await stopPid(e.pid);
+    }
+    expect(sha256File(p('es.qcow2'))).toBe(encBefore);
+
+    const both = qimg(['serve', '-s', '-l', 's1', '-k', p('never.sock'), p('top.qcow2')]);
+    expect(both.status).toBe(1);
+    expect(both.stderr.trim().split('\n')).toHaveLength(1);
+  });
+
   it('speaks TLS with PSK and x509 credentials and refuses clients without TLS', async () => {
     makePskDir(p('psk'));
     const port = await freePort();
@@ -260,7 +307,6 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
   });
 
   it('refuses bad command lines with one line', async () => {
-    const { qimg } = await import('../helpers/qemu.js');
     const missing = qimg(['serve', '-k', p('never.sock'), p('missing.qcow2')]);
     expect(missing.status).toBe(1);
     expect(missing.stderr.trim().split('\n')).toHaveLength(1);

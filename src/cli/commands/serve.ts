@@ -1,6 +1,6 @@
 /**
  * `qimg serve [-p PORT] [-b ADDR] [-k SOCKET] [-x NAME] [-D TEXT] [-r] [-f FMT] [-e N]
- * [-t] [-l SNAPSHOT] [-A] [-B BITMAP] [--fork] [--pid-file PATH] [--object OBJDEF]
+ * [-t] [-s] [-l SNAPSHOT] [-A] [-B BITMAP] [--fork] [--pid-file PATH] [--object OBJDEF]
  * [--tls-creds ID] [--image-opts] FILE`: serves an image over NBD with qemu-nbd's option
  * letters and meanings, but bound to 127.0.0.1 unless -b says otherwise.
  */
@@ -13,6 +13,7 @@ import { NBD_DEFAULT_PORT } from '../../io/nbd/protocol.js';
 import { openSnapshotView, parseSnapshotParam } from '../../ops/snapshot-param.js';
 import { NbdExport, type ExportedBitmap } from '../../serve/export.js';
 import { NbdServer, type ListenAddress } from '../../serve/server.js';
+import { openTemporaryOverlay } from '../../serve/temporary-overlay.js';
 import { TlsServerCreds, type TlsCredsSpec } from '../../serve/tls.js';
 import { UsageError } from '../errors.js';
 import { splitTlsObjects } from '../tls-objects.js';
@@ -33,6 +34,7 @@ interface ServeFlags {
   shared: string;
   persistent?: boolean;
   loadSnapshot?: string;
+  snapshot?: boolean;
   allocationDepth?: boolean;
   bitmap?: string;
   fork?: boolean;
@@ -55,6 +57,7 @@ export function registerServe(program: Command, run: (file: string | undefined, 
     .option('-f, --format <fmt>', 'image format (probed when absent)')
     .option('-e, --shared <num>', 'clients served at once (0: no limit)', '1')
     .option('-t, --persistent', 'keep serving after the last client disconnects')
+    .option('-s, --snapshot', 'serve a temporary overlay (in TMPDIR, deleted at exit): writes never reach the image')
     .option('-l, --load-snapshot <snapshot>', 'export an internal snapshot read-only: snapshot.id=ID,snapshot.name=NAME or ID_OR_NAME')
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth metadata context')
     .option('-B, --bitmap <name>', 'offer persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME context')
@@ -75,8 +78,9 @@ export function registerServe(program: Command, run: (file: string | undefined, 
           const tls = settings.tls ? TlsServerCreds.load(settings.tls) : undefined;
           const readOnly = !!opts.readOnly || opts.loadSnapshot !== undefined;
           const snapshot = opts.loadSnapshot !== undefined ? usage(() => parseSnapshotParam(opts.loadSnapshot!)) : undefined;
-          const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, writable: !readOnly, opensBacking: true, secrets });
-          const base = await openResolved(spec, { writable: !readOnly, secrets });
+          const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, writable: !readOnly && !opts.snapshot, opensBacking: true, secrets });
+          const overlay = opts.snapshot ? await openTemporaryOverlay({ path: spec.path, format: spec.format, imageOptions: spec.imageOptions, secrets }) : undefined;
+          const base = overlay ? overlay.image : await openResolved(spec, { writable: !readOnly, secrets });
           let img: BlockImage = base;
           let server: NbdServer | undefined;
           try {
@@ -101,7 +105,9 @@ export function registerServe(program: Command, run: (file: string | undefined, 
             await server.stop();
           } finally {
             if (img !== base) await img.close().catch(() => undefined);
-            await base.close();
+            // (the overlay's dispose closes it, then deletes its file)
+            if (overlay) await overlay.dispose();
+            else await base.close();
             if (opts.pidFile !== undefined && server) rmSync(opts.pidFile, { force: true });
           }
         });
@@ -138,6 +144,8 @@ function checkFlags(opts: ServeFlags, tlsSpecs: Map<string, TlsCredsSpec>): Sett
   if (!/^\d+$/.test(opts.shared) || !Number.isSafeInteger(shared)) throw new UsageError(`Invalid shared device number '${opts.shared}'`);
   if (opts.exportName.length > 4096) throw new UsageError('export name is too long (more than 4096 bytes)');
   if (opts.description !== undefined && opts.description.length > 4096) throw new UsageError('description is too long (more than 4096 bytes)');
+  // (qemu-nbd lays the overlay over the loaded snapshot; qimg's snapshot views are read-only)
+  if (opts.snapshot && opts.loadSnapshot !== undefined) throw new UsageError('qimg serve does not support -s together with -l');
   let tls: TlsCredsSpec | undefined;
   if (opts.tlsCreds !== undefined) {
     tls = tlsSpecs.get(opts.tlsCreds);
