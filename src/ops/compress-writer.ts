@@ -7,6 +7,7 @@
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
 import type { BlockImage } from '../core/block-image.js';
+import { isAllZero } from '../io/zero-detect.js';
 import { collectYoung } from './compress-worker.js';
 
 export interface CompressingWriter {
@@ -74,7 +75,7 @@ export function compressingWriter(target: BlockImage, virtualSize: number, opts:
         // The copy engine detects zeros in units of -S (4 KiB): a smaller zero cluster
         // (or one under a larger -S) arrives here, and qemu-img skips every all-zero
         // cluster rather than compressing it.
-        if (opts.skipZeroClusters && isZero(plain)) {
+        if (opts.skipZeroClusters && isAllZero(plain)) {
           if (!opts.targetIsZero) chain = chain.then(() => target.writeZeroes(clusterStart, len, { mayUnmap: true }));
           pos += len;
           continue;
@@ -111,9 +112,4 @@ export function compressingWriter(target: BlockImage, virtualSize: number, opts:
   };
 }
 
-let zeros: Buffer | undefined;
-function isZero(buf: Uint8Array): boolean {
-  const b = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
-  if (zeros?.length !== b.length) zeros = Buffer.alloc(b.length);
-  return b.equals(zeros);
-}
+

@@ -10,6 +10,7 @@ import { extentAt } from '../core/block-status.js';
 import { QimgError, describeSystemError } from '../core/errors.js';
 import { allocIoBuffer } from '../io/buffers.js';
 import { native } from '../io/native.js';
+import { isAllZero } from '../io/zero-detect.js';
 
 export interface CopyOptions {
   /** zero runs of at least this many bytes are not written as data; 0 = write everything */
@@ -353,16 +354,6 @@ async function writeZeroBuffers(write: (o: number, d: Buffer) => Promise<void>, 
   for (let p = 0; p < length; p += zeros.length) {
     await write(offset + p, zeros.subarray(0, Math.min(zeros.length, length - p)));
   }
-}
-
-const ZEROS = Buffer.alloc(CHUNK);
-
-function isAllZero(data: Buffer): boolean {
-  for (let i = 0; i < data.length; i += ZEROS.length) {
-    const part = data.subarray(i, Math.min(data.length, i + ZEROS.length));
-    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
-  }
-  return true;
 }
 
 /**

@@ -10,6 +10,7 @@ import type { BlockImage } from '../core/block-image.js';
 import { extentAt } from '../core/block-status.js';
 import { allocIoBuffer } from '../io/buffers.js';
 import * as P from '../io/nbd/protocol.js';
+import { isAllZero } from '../io/zero-detect.js';
 
 /** A persistent dirty bitmap as the export reads it (live while the image is open). */
 export interface ExportedBitmap {
@@ -27,6 +28,13 @@ export interface ExportOptions {
   shared: boolean;
   allocationDepth: boolean;
   bitmap?: ExportedBitmap;
+  /** qemu-nbd's --discard: 'ignore' (its default) answers TRIM without freeing anything
+   * and keeps zeroed ranges allocated; 'unmap' frees them */
+  discard?: 'ignore' | 'unmap';
+  /** qemu-nbd's --detect-zeroes: writes of zeros become zeroing ('unmap': freeing, with discard=unmap) */
+  detectZeroes?: 'off' | 'on' | 'unmap';
+  /** qemu-nbd's --cache: 'writethrough' flushes after every change, 'unsafe' never flushes */
+  flushPolicy?: 'writeback' | 'writethrough' | 'unsafe';
 }
 
 /** One content piece of a read reply. */
@@ -197,21 +205,37 @@ export class NbdExport {
     return out;
   }
 
-  write(offset: number, data: Buffer): Promise<void> {
+  async write(offset: number, data: Buffer): Promise<void> {
     this.assertWritable();
-    if (this.image.concurrentWrites) return this.concurrentWrite(offset, data);
-    return this.serial(() => this.image.write(offset, data));
+    const detect = this.opts.detectZeroes ?? 'off';
+    if (detect !== 'off' && isAllZero(data)) {
+      const mayUnmap = detect === 'unmap' && this.opts.discard === 'unmap';
+      return this.serial(() => this.image.writeZeroes(offset, data.length, { mayUnmap })).then(() => this.writtenThrough());
+    }
+    if (this.image.concurrentWrites) await this.concurrentWrite(offset, data);
+    else await this.serial(() => this.image.write(offset, data));
+    await this.writtenThrough();
   }
 
   /** WRITE_ZEROES: `fast` (FAST_ZERO) fails with ENOTSUP unless the zeroing is cheap. */
-  writeZeroes(offset: number, length: number, noHole: boolean, fast: boolean): Promise<void> {
+  async writeZeroes(offset: number, length: number, noHole: boolean, fast: boolean): Promise<void> {
     this.assertWritable();
-    return this.serial(async () => {
+    // The client allows freeing unless NO_HOLE. As in qemu, a format frees clusters in its
+    // own metadata whatever --discard says; freeing the file's blocks under a raw image
+    // takes --discard=unmap (the protocol layer drops the request otherwise).
+    const mayUnmap = !noHole && (this.image.format !== 'raw' || this.opts.discard === 'unmap');
+    await this.serial(async () => {
       if (fast && !(await this.zeroingIsFast(offset, length))) {
         throw new NbdRequestError(P.NBD_ENOTSUP, 'zeroing this range would not be fast');
       }
-      await this.image.writeZeroes(offset, length, { mayUnmap: !noHole });
+      await this.image.writeZeroes(offset, length, { mayUnmap });
     });
+    await this.writtenThrough();
+  }
+
+  /** --cache=writethrough|directsync: every change is flushed before it is answered. */
+  private async writtenThrough(): Promise<void> {
+    if (this.opts.flushPolicy === 'writethrough') await this.serial(() => this.image.flush());
   }
 
   /**
@@ -228,12 +252,17 @@ export class NbdExport {
     return true;
   }
 
-  trim(offset: number, length: number): Promise<void> {
+  async trim(offset: number, length: number): Promise<void> {
     this.assertWritable();
-    return this.serial(() => this.image.discard(offset, length));
+    // --discard=ignore (qemu-nbd's default): a trim is a hint the server may drop
+    if (this.opts.discard !== 'unmap') return;
+    await this.serial(() => this.image.discard(offset, length));
+    await this.writtenThrough();
   }
 
+  /** FLUSH (and FUA); --cache=unsafe drops them, as qemu's cache.no-flush does. */
   flush(): Promise<void> {
+    if (this.opts.flushPolicy === 'unsafe') return Promise.resolve();
     return this.serial(() => this.image.flush());
   }
 

@@ -7,6 +7,7 @@ import { ImageFile } from '../../src/io/file.js';
 import { CorruptImageError } from '../../src/core/errors.js';
 import { readHeader } from '../../src/formats/qcow2/header.js';
 import { luksAlgorithms, parseLuksHeader, readLuksInfo } from '../../src/formats/qcow2/luks.js';
+import { retryingCalibrationSync } from '../helpers/qemu.js';
 
 const hasQemu = spawnSync('qemu-img', ['--version']).status === 0;
 const inCI = process.env.CI === 'true';
@@ -30,16 +31,11 @@ function qemuImg(args: string[]): { status: number; stdout: string; stderr: stri
   return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** Creates a LUKS-encrypted qcow2 image (retrying: qemu's PBKDF benchmark occasionally fails). */
+/** Creates a LUKS-encrypted qcow2 image (qemu's PBKDF calibration fails now and then: retried as everywhere). */
 function createLuks(path: string, extra: string): void {
   const opts = `encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10${extra ? `,${extra}` : ''}`;
-  let last = '';
-  for (let attempt = 0; attempt < 4; attempt++) {
-    const r = qemuImg(['create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=abc', '-o', opts, path, '1M']);
-    if (r.status === 0) return;
-    last = r.stderr;
-  }
-  throw new Error(`qemu-img create (${opts}) failed: ${last}`);
+  const r = retryingCalibrationSync(() => qemuImg(['create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=abc', '-o', opts, path, '1M']));
+  if (r.status !== 0) throw new Error(`qemu-img create (${opts}) failed: ${r.stderr}`);
 }
 
 /** `qemu-img info` of a qcow2 image: the parsed JSON, or the error text after "Could not open '…': ". */

@@ -1,6 +1,7 @@
 /**
  * `qimg serve [-p PORT] [-b ADDR] [-k SOCKET] [-x NAME] [-D TEXT] [-r] [-f FMT] [-e N]
- * [-t] [-s] [-l SNAPSHOT] [-A] [-B BITMAP] [--fork] [--pid-file PATH] [--object OBJDEF]
+ * [-t] [-s] [-l SNAPSHOT] [-A] [-B BITMAP] [-n] [--cache MODE] [--aio MODE] [--discard MODE]
+ * [--detect-zeroes MODE] [--fork] [--pid-file PATH] [--object OBJDEF]
  * [--tls-creds ID] [--image-opts] FILE`: serves an image over NBD with qemu-nbd's option
  * letters and meanings, but bound to 127.0.0.1 unless -b says otherwise.
  */
@@ -35,6 +36,11 @@ interface ServeFlags {
   persistent?: boolean;
   loadSnapshot?: string;
   snapshot?: boolean;
+  nocache?: boolean;
+  cache?: string;
+  aio?: string;
+  discard?: string;
+  detectZeroes?: string;
   allocationDepth?: boolean;
   bitmap?: string;
   fork?: boolean;
@@ -61,6 +67,11 @@ export function registerServe(program: Command, run: (file: string | undefined, 
     .option('-l, --load-snapshot <snapshot>', 'export an internal snapshot read-only: snapshot.id=ID,snapshot.name=NAME or ID_OR_NAME')
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth metadata context')
     .option('-B, --bitmap <name>', 'offer persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME context')
+    .option('-n, --nocache', 'the same as --cache=none')
+    .option('--cache <mode>', 'none, writeback (default), writethrough, directsync or unsafe: writethrough and directsync flush every change, unsafe drops flushes')
+    .option('--aio <mode>', 'threads, native or io_uring (checked as qemu-nbd checks them; qimg has one I/O engine)')
+    .option('--discard <mode>', 'ignore (default: trims are answered, nothing freed) or unmap')
+    .option('--detect-zeroes <mode>', 'off (default), on or unmap: writes of zeros become zeroing')
     .option('--fork', 'start the server in the background; return once it listens')
     .option('--pid-file <path>', 'write the server\'s process id to this file')
     .option('--tls-creds <id>', 'require TLS with the credentials of --object tls-creds-psk|tls-creds-x509,id=ID,dir=DIR,endpoint=server');
@@ -78,6 +89,9 @@ export function registerServe(program: Command, run: (file: string | undefined, 
           const tls = settings.tls ? TlsServerCreds.load(settings.tls) : undefined;
           const readOnly = !!opts.readOnly || opts.loadSnapshot !== undefined;
           const snapshot = opts.loadSnapshot !== undefined ? usage(() => parseSnapshotParam(opts.loadSnapshot!)) : undefined;
+          if (settings.aioNeedsDirect) {
+            throw new QimgError(`Failed to blk_new_open '${filename}': aio=native was specified, but it requires cache.direct=on, which was not specified.`, { file: '' });
+          }
           const spec = await resolveImage(filename, { imageOpts: !!opts.imageOpts, format: opts.format, writable: !readOnly && !opts.snapshot, opensBacking: true, secrets });
           const overlay = opts.snapshot ? await openTemporaryOverlay({ path: spec.path, format: spec.format, imageOptions: spec.imageOptions, secrets }) : undefined;
           const base = overlay ? overlay.image : await openResolved(spec, { writable: !readOnly, secrets });
@@ -93,6 +107,9 @@ export function registerServe(program: Command, run: (file: string | undefined, 
               shared: settings.shared !== 1,
               allocationDepth: !!opts.allocationDepth,
               bitmap,
+              discard: settings.discard,
+              detectZeroes: settings.detectZeroes,
+              flushPolicy: settings.flushPolicy,
             });
             server = new NbdServer(exp, { address: settings.address, shared: settings.shared, persistent: !!opts.persistent, tls });
             await server.listen();
@@ -127,6 +144,11 @@ interface Settings {
   address: ListenAddress;
   shared: number;
   tls?: TlsCredsSpec;
+  discard: 'ignore' | 'unmap';
+  detectZeroes: 'off' | 'on' | 'unmap';
+  flushPolicy: 'writeback' | 'writethrough' | 'unsafe';
+  /** --aio=native needs a cache mode that bypasses the page cache: refused once the file is named */
+  aioNeedsDirect: boolean;
 }
 
 /** qemu-nbd's checks of the command line, before anything is opened. */
@@ -151,7 +173,26 @@ function checkFlags(opts: ServeFlags, tlsSpecs: Map<string, TlsCredsSpec>): Sett
     tls = tlsSpecs.get(opts.tlsCreds);
     if (!tls) throw new UsageError(`No TLS credentials with id '${opts.tlsCreds}'`);
   }
-  return { address, shared, tls };
+  return { address, shared, tls, ...ioFlags(opts) };
+}
+
+const CACHE_MODES: Record<string, Settings['flushPolicy']> = { none: 'writeback', off: 'writeback', writeback: 'writeback', writethrough: 'writethrough', directsync: 'writethrough', unsafe: 'unsafe' };
+
+/** -n, --cache, --aio, --discard and --detect-zeroes, with qemu-nbd's refusals. */
+function ioFlags(opts: ServeFlags): Pick<Settings, 'discard' | 'detectZeroes' | 'flushPolicy' | 'aioNeedsDirect'> {
+  if (opts.nocache && opts.cache !== undefined) throw new UsageError('-n and --cache can only be specified once');
+  const cache = opts.nocache ? 'none' : (opts.cache ?? 'writeback');
+  const flushPolicy = CACHE_MODES[cache];
+  if (!flushPolicy) throw new UsageError(`Invalid cache mode \`${cache}'`);
+  const aio = opts.aio ?? 'threads';
+  if (!['threads', 'native', 'io_uring'].includes(aio)) throw new UsageError(`Invalid aio mode '${aio}'`);
+  const discardModes: Record<string, Settings['discard']> = { ignore: 'ignore', off: 'ignore', unmap: 'unmap', on: 'unmap' };
+  const discard = discardModes[opts.discard ?? 'ignore'];
+  if (!discard) throw new UsageError(`Invalid discard mode \`${opts.discard}'`);
+  const detectZeroes = opts.detectZeroes ?? 'off';
+  if (detectZeroes !== 'off' && detectZeroes !== 'on' && detectZeroes !== 'unmap') throw new UsageError(`Failed to parse detect_zeroes mode: invalid parameter value: ${detectZeroes}`);
+  if (detectZeroes === 'unmap' && discard !== 'unmap') throw new UsageError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+  return { discard, detectZeroes, flushPolicy, aioNeedsDirect: aio === 'native' && !['none', 'off', 'directsync'].includes(cache) };
 }
 
 /** The persistent bitmap -B names, refused as qemu-nbd refuses it. */

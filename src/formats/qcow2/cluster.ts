@@ -416,10 +416,12 @@ export class ClusterWriter {
       for (let p = pos; p < upto; p += cs) {
         const index = Math.floor((p % span) / cs);
         const e = rawEntry(slot.table, index, g.extendedL2);
+        // as qemu: a cluster that neither holds data nor hides a backing file stays as it is;
+        // the others read as zeros afterwards (v3: the zero flag; v2 can only unmap)
+        if (this.img.backing === null && this.ownership(e) === 'none') continue;
         this.releaseReplaced(e, slot.offset, index, -1);
-        const zero = g.version >= 3 && this.img.backing !== null;
-        if (g.extendedL2) storeEntry(slot.table, index, true, { hi: 0, lo: 0, zeroBits: zero ? ALL_SUBCLUSTERS : 0, allocBits: 0 });
-        else storeEntry(slot.table, index, false, { ...e, hi: 0, lo: zero ? ZERO_FLAG : 0 });
+        if (g.extendedL2) storeEntry(slot.table, index, true, { hi: 0, lo: 0, zeroBits: ALL_SUBCLUSTERS, allocBits: 0 });
+        else storeEntry(slot.table, index, false, { ...e, hi: 0, lo: g.version >= 3 ? ZERO_FLAG : 0 });
       }
       this.img.markL2Dirty(slot);
       pos = upto;
