@@ -24,7 +24,7 @@ export interface ExportOptions {
   name: string;
   description?: string;
   readOnly: boolean;
-  /** more than one client may connect (CAN_MULTI_CONN is offered only when read-only) */
+  /** more than one client may connect (CAN_MULTI_CONN is offered) */
   shared: boolean;
   allocationDepth: boolean;
   bitmap?: ExportedBitmap;
@@ -98,9 +98,10 @@ export class NbdExport {
     if (this.opts.readOnly) f |= P.NBD_FLAG_READ_ONLY;
     else f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO;
     if (structured) f |= P.NBD_FLAG_SEND_DF;
-    // one image object serves every connection, so a read-only export is coherent
-    // across them; writes from several connections are not promised to be
-    if (this.opts.readOnly && this.opts.shared) f |= P.NBD_FLAG_CAN_MULTI_CONN;
+    // one image object serves every connection: a write is in it before it is answered
+    // and a flush waits for every queued change, whichever connection sent it, so several
+    // connections are coherent (qemu-nbd offers it likewise whenever -e is not 1)
+    if (this.opts.shared) f |= P.NBD_FLAG_CAN_MULTI_CONN;
     return f;
   }
 

@@ -6,6 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { ok, qemuAvailable, qemuImg, qemuIo, qimg, retryingCalibrationSync, run, sha256File, tempDir } from '../helpers/qemu.js';
 import { bitmapsOf, dirtyRanges, nbdToolsAvailable } from '../helpers/nbd-bitmap.js';
@@ -159,6 +160,40 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
     const writerCode = await new Promise((r) => (writer.exitCode !== null ? r(writer.exitCode) : writer.once('exit', r)));
     expect(writerCode, 'the copy (2 s at 16 MiB/s) was cut short').not.toBe(0);
     ok(qemuImg(['check', p('t.qcow2')]), 'check after SIGTERM');
+  });
+
+  it('offers multi-conn on a writable shared export as qemu-nbd does, and keeps its connections coherent', async () => {
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', p('mc.qcow2'), '4M']));
+    ok(qemuImg(['create', '-q', '-f', 'qcow2', p('mcq.qcow2'), '4M']));
+    const flagsOf = (uri: string) => {
+      const i = nbdInfo(uri);
+      return { multi: i['can_multi_conn'], ro: i['is_read_only'] };
+    };
+    for (const e of ['1', '2', '0']) {
+      const s = serveForked(['-t', '-e', e, '-k', p('mc.sock'), p('mc.qcow2')], p('mc.pid'));
+      const q = qemuNbdForked(['-t', '-e', e, '-f', 'qcow2', '-k', p('mcq.sock'), p('mcq.qcow2')], p('mcq.pid'));
+      try {
+        expect(flagsOf(sock('mc.sock')), `-e ${e}`).toEqual(flagsOf(sock('mcq.sock')));
+        if (e !== '1') {
+          // two clients at once: what one wrote (and was answered) the other reads
+          // (qemu-io on its stdin: the first connection stays open while the second reads)
+          const writer = spawn('qemu-io', ['-f', 'raw', sock('mc.sock')], { stdio: ['pipe', 'pipe', 'inherit'] });
+          let out = '';
+          const wrote = new Promise<void>((resolve) => writer.stdout.on('data', (d: Buffer) => (out += d.toString()).includes('wrote') && resolve()));
+          writer.stdin.write(`write -P 0x${(0x3c + Number(e)).toString(16)} 1M 256k\n`);
+          await wrote;
+          const read = qemuIo(['-f', 'raw', '-c', `read -P 0x${(0x3c + Number(e)).toString(16)} 1M 256k`, sock('mc.sock')]);
+          writer.stdin.end('quit\n');
+          await new Promise((r) => writer.once('exit', r));
+          ok(read, "the second connection reads the first one's write");
+          expect(read.stdout).not.toMatch(/Pattern verification failed/);
+        }
+      } finally {
+        await stopPid(s.pid);
+        await stopPid(q.pid);
+      }
+    }
+    ok(qemuImg(['check', p('mc.qcow2')]));
   });
 
   it('makes a client beyond -e wait until a slot is free', async () => {
