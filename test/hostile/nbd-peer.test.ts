@@ -20,6 +20,8 @@ const REP_INFO = 3;
 const REP_META_CONTEXT = 4;
 const REP_ERR_UNSUP = 0x80000001;
 const OPT_GO = 7;
+const OPT_LIST = 3;
+const REP_SERVER = 2;
 const OPT_STRUCTURED_REPLY = 8;
 const OPT_SET_META_CONTEXT = 10;
 const OPT_EXTENDED_HEADERS = 11;
@@ -282,6 +284,23 @@ describe('qimg against a lying NBD server', () => {
       await withServer({ onOption: (o, sock) => (o === OPT_GO ? (sock.end(Buffer.from([0x00, 0x03])), Buffer.alloc(0)) : undefined) }, info),
       /closed the connection during the handshake/,
     );
+  });
+
+  it('serve -L: a lying export list (a name past its reply, thousands of exports) is one error', async () => {
+    const list = (uri: string) => ['serve', '-L', '-k', uri.slice(uri.indexOf('socket=') + 'socket='.length)];
+    const server = (name: Buffer, count: number) => {
+      const entry = Buffer.concat([Buffer.alloc(4), name]);
+      entry.writeUInt32BE(name.length, 0);
+      return Array.from({ length: count }, () => optionReply(OPT_LIST, REP_SERVER, entry));
+    };
+    const badLength = Buffer.alloc(8);
+    badLength.writeUInt32BE(1000, 0);
+    expectRefused(await withServer({ onOption: (o) => (o === OPT_LIST ? optionReply(o, REP_SERVER, badLength) : undefined) }, list), /invalid export list reply/);
+    expectRefused(await withServer({ onOption: (o) => (o === OPT_LIST ? Buffer.concat(server(Buffer.from('x'), 5000)) : undefined) }, list), /too many exports listed/);
+    // a well-formed list of two exports the server then knows nothing about: names only
+    const two = await withServer({ onOption: (o) => (o === OPT_LIST ? Buffer.concat([...server(Buffer.from('a'), 1), ...server(Buffer.from('b'), 1), optionReply(o, REP_ACK)]) : undefined) }, list);
+    expect(two.status, two.stderr).toBe(0);
+    expect(two.stdout).toBe("exports available: 2\n export: 'a'\n export: 'b'\n");
   });
 
   it('gives up on a server that never completes the handshake (QIMG_NBD_TIMEOUT)', async () => {

@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { ok, qemuAvailable, qemuImg, qemuIo, qimg, retryingCalibrationSync, run, sha256File, tempDir } from '../helpers/qemu.js';
 import { bitmapsOf, dirtyRanges, nbdToolsAvailable } from '../helpers/nbd-bitmap.js';
 import { makePskDir, makeX509Dirs } from '../helpers/tls.js';
+import { startNbdkit } from '../helpers/nbd-servers.js';
 import { exitsWithin, freePort, qemuNbdForked, serveForeground, serveForked, stopAll, stopPid } from '../helpers/nbd-serve.js';
 
 const hasNbdcopy = run('sh', ['-c', 'command -v nbdcopy']).status === 0;
@@ -370,6 +371,51 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
       ok(qemuImg(['info', '--object', `tls-creds-x509,id=tls0,dir=${x}/cli,endpoint=client`, '--image-opts', `driver=nbd,host=127.0.0.1,port=${port2},tls-creds=tls0`]), 'still serving');
     } finally {
       await stopPid(s2.pid);
+    }
+  });
+
+  it('-L lists a server\'s exports as qemu-nbd -L does (qimg serve, qemu-nbd, nbdkit, over TLS)', async () => {
+    const same = (where: string[], extra: string[] = []) => {
+      const theirs = run('qemu-nbd', ['-L', ...extra, ...where]);
+      const mine = qimg(['serve', '-L', ...extra, ...where]);
+      expect(mine.status, `${where.join(' ')}: ${mine.stderr}`).toBe(theirs.status);
+      expect(mine.stdout, where.join(' ')).toBe(theirs.stdout);
+      return mine;
+    };
+    const servers = [
+      serveForked(['-t', '-x', 'ex1', '-D', 'the top', '-A', '-B', 'b0', '-r', '-e', '2', '-k', p('ls1.sock'), p('top.qcow2')], p('ls1.pid')),
+      qemuNbdForked(['-t', '-r', '-x', 'ex2', '-f', 'qcow2', '-k', p('ls2.sock'), p('base.qcow2')], p('ls2.pid')),
+    ];
+    try {
+      expect(same(['-k', p('ls1.sock')]).stdout).toContain("exports available: 1\n export: 'ex1'\n  description: the top\n");
+      same(['-k', p('ls2.sock')]);
+      if (run('sh', ['-c', 'command -v nbdkit']).status === 0) {
+        const k = await startNbdkit(dir.path, 'lsk', ['memory', '1M']);
+        try {
+          same(['-k', p('lsk.sock')]);
+        } finally {
+          k.stop();
+        }
+      }
+      // over TLS, with qemu's client credentials
+      makePskDir(p('lpsk'));
+      const port = await freePort();
+      servers.push(serveForked(['-t', '-r', '-p', String(port), '--object', `tls-creds-psk,id=t0,dir=${p('lpsk')},endpoint=server`, '--tls-creds', 't0', p('top.qcow2')], p('ls3.pid')));
+      const tls = ['--object', `tls-creds-psk,id=t0,dir=${p('lpsk')},endpoint=client,username=alice`, '--tls-creds', 't0'];
+      expect(same(['-p', String(port)], tls).stdout).toContain("export: ''");
+      // without TLS a TLS server lists nothing
+      const plain = qimg(['serve', '-L', '-p', String(port)]);
+      expect(plain.status).toBe(1);
+      expect(plain.stderr.trim().split('\n')).toHaveLength(1);
+    } finally {
+      for (const s of servers) await stopPid(s.pid);
+    }
+    // what list mode refuses, in qemu-nbd's words
+    for (const args of [['-k', p('none.sock'), p('top.qcow2')], ['-f', 'raw', '-k', p('none.sock')], ['-A', '-k', p('none.sock')], ['--fork', '-k', p('none.sock')], ['-k', p('none.sock')]]) {
+      const theirs = run('qemu-nbd', ['-L', ...args]);
+      const mine = qimg(['serve', '-L', ...args]);
+      expect(mine.status, args.join(' ')).toBe(1);
+      expect(mine.stderr.replace(/^qimg: /, ''), args.join(' ')).toBe(theirs.stderr.replace(/^qemu-nbd: /, ''));
     }
   });
 

@@ -16,9 +16,14 @@ import { NbdExport, type ExportedBitmap } from '../../serve/export.js';
 import { NbdServer, type ListenAddress } from '../../serve/server.js';
 import { openTemporaryOverlay } from '../../serve/temporary-overlay.js';
 import { TlsServerCreds, type TlsCredsSpec } from '../../serve/tls.js';
-import { UsageError } from '../errors.js';
+import { UsageError, writeErrorLines } from '../errors.js';
+import { programName } from '../../core/program-name.js';
+import { NbdConnection } from '../../io/nbd/connection.js';
+import type { NbdClientTls } from '../../io/nbd/tls-client.js';
+import type { NbdAddress } from '../../io/nbd/uri.js';
+import { formatExportList } from '../output/nbd-list.js';
 import { splitTlsObjects } from '../tls-objects.js';
-import { addImageOptsOption, addObjectOption, withObjects } from './common.js';
+import { addImageOptsOption, addObjectOption, withObjects, writeOut } from './common.js';
 import { openResolved, resolveImage } from './image-opts.js';
 
 /** Set in the environment of the server process `--fork` starts. */
@@ -36,6 +41,7 @@ interface ServeFlags {
   persistent?: boolean;
   loadSnapshot?: string;
   snapshot?: boolean;
+  list?: boolean;
   nocache?: boolean;
   cache?: string;
   aio?: string;
@@ -72,14 +78,20 @@ export function registerServe(program: Command, run: (file: string | undefined, 
     .option('--aio <mode>', 'threads, native or io_uring (checked as qemu-nbd checks them; qimg has one I/O engine)')
     .option('--discard <mode>', 'ignore (default: trims are answered, nothing freed) or unmap')
     .option('--detect-zeroes <mode>', 'off (default), on or unmap: writes of zeros become zeroing')
+    .option('-L, --list', 'list the exports of another NBD server (-k or -b/-p say where) as qemu-nbd -L does')
     .option('--fork', 'start the server in the background; return once it listens')
     .option('--pid-file <path>', 'write the server\'s process id to this file')
     .option('--tls-creds <id>', 'require TLS with the credentials of --object tls-creds-psk|tls-creds-x509,id=ID,dir=DIR,endpoint=server');
   addObjectOption(cmd);
   addImageOptsOption(cmd)
-    .argument('<filename>')
-    .action((filename: string, opts: ServeFlags) =>
+    .argument('[filename]')
+    .action((filename: string | undefined, opts: ServeFlags) =>
       run(opts.imageOpts ? undefined : filename, async () => {
+        if (opts.list) return listServer(filename, opts);
+        if (filename === undefined) {
+          writeErrorLines(`${programName()}: Expecting one image file name`, `Try '${programName()} --help' for more information`);
+          return 1;
+        }
         const { tlsSpecs, others } = splitTlsObjects(opts.object, 'server');
         const settings = checkFlags(opts, tlsSpecs);
         if (opts.fork && process.env[DAEMON_ENV] !== '1') return forkServer();
@@ -149,6 +161,33 @@ interface Settings {
   flushPolicy: 'writeback' | 'writethrough' | 'unsafe';
   /** --aio=native needs a cache mode that bypasses the page cache: refused once the file is named */
   aioNeedsDirect: boolean;
+}
+
+/** `-L`: the exports of the server -k or -b/-p name, with qemu-nbd's refusals of what list mode ignores. */
+async function listServer(filename: string | undefined, opts: ServeFlags): Promise<number> {
+  if (filename !== undefined) throw new UsageError('List mode is incompatible with a file name');
+  const perDevice = [opts.exportName !== '', opts.description, opts.format, opts.loadSnapshot, opts.bitmap, opts.allocationDepth, opts.discard, opts.nocache, opts.cache, opts.aio];
+  if (perDevice.some((v) => v !== undefined && v !== false)) throw new UsageError('List mode is incompatible with per-device settings');
+  if (opts.fork) throw new UsageError('List mode is incompatible with forking');
+  const { tlsSpecs, others } = splitTlsObjects(opts.object);
+  const settings = checkFlags({ ...opts, tlsCreds: undefined }, tlsSpecs);
+  return (
+    (await withObjects(others, async () => {
+      let tls: NbdClientTls | undefined;
+      if (opts.tlsCreds !== undefined) {
+        const creds = tlsSpecs.get(opts.tlsCreds);
+        if (!creds) throw new UsageError(`No TLS credentials with id '${opts.tlsCreds}'`);
+        tls = { creds };
+      }
+      const a = settings.address;
+      const addr: NbdAddress = 'path' in a ? { transport: 'unix', socket: a.path, exportName: '' } : { transport: 'tcp', host: a.host, port: a.port, exportName: '' };
+      const list = await NbdConnection.listExports(addr, tls ? { tls } : {}).catch((err: unknown) => {
+        throw new QimgError(err instanceof Error ? err.message : String(err), { file: '' });
+      });
+      await writeOut(formatExportList(list));
+      return 0;
+    })) ?? 0
+  );
 }
 
 /** qemu-nbd's checks of the command line, before anything is opened. */

@@ -8,7 +8,7 @@
 import { createConnection, type Socket } from 'node:net';
 import { ByteReader } from './byte-reader.js';
 import { NbdError } from './errors.js';
-import { negotiate, type NegotiatedExport } from './handshake.js';
+import { listExports, negotiate, type ListedExport, type NegotiatedExport } from './handshake.js';
 import { describeNbdAddress, type NbdAddress } from './uri.js';
 import {
   EXTENDED_REQUEST_HEADER_SIZE,
@@ -79,6 +79,28 @@ export class NbdConnection implements ReplyRequests {
 
   /** Connects to `addr`, negotiates the export, and is ready for requests. */
   static async connect(addr: NbdAddress, opts: NbdConnectOptions = {}): Promise<NbdConnection> {
+    const { value: info, wire, input, reader } = await NbdConnection.handshake(addr, opts, (socket, reader, startTls) => negotiate(socket, reader, addr.exportName, startTls));
+    return new NbdConnection(wire, input, reader, info, opts.replyTimeoutMs ?? nbdTimeoutMs('reply'));
+  }
+
+  /** The exports the server at `addr` offers (qemu-nbd -L); the session ends with NBD_OPT_ABORT. */
+  static async listExports(addr: NbdAddress, opts: NbdConnectOptions = {}): Promise<ListedExport[]> {
+    const { value, wire } = await NbdConnection.handshake(addr, opts, listExports);
+    wire.on('error', () => undefined);
+    wire.end();
+    setTimeout(() => wire.destroy(), 1000).unref();
+    return value;
+  }
+
+  /**
+   * Connects to `addr` and runs `run` (the option phase) with the handshake's timeout and
+   * errors; with TLS credentials `run` gets the STARTTLS step to call first.
+   */
+  private static async handshake<T>(
+    addr: NbdAddress,
+    opts: NbdConnectOptions,
+    run: (socket: Socket, reader: ByteReader, startTls?: () => Promise<Socket>) => Promise<T>,
+  ): Promise<{ value: T; wire: Socket; input: SocketInput; reader: ByteReader }> {
     const timeoutMs = opts.handshakeTimeoutMs ?? nbdTimeoutMs('handshake');
     let socket: Socket;
     const reader = new ByteReader();
@@ -138,10 +160,10 @@ export class NbdConnection implements ReplyRequests {
       socket.removeAllListeners('close');
       watch(socket);
       if (addr.transport === 'tcp') socket.setNoDelay(true);
-      const info = await negotiate(socket, reader, addr.exportName, startTls);
+      const value = await run(socket, reader, startTls);
       wire.removeAllListeners('error');
       wire.removeAllListeners('close');
-      return new NbdConnection(wire, input, reader, info, opts.replyTimeoutMs ?? nbdTimeoutMs('reply'));
+      return { value, wire, input, reader };
     } catch (err) {
       wire.destroy();
       socket.destroy();

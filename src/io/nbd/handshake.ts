@@ -23,6 +23,10 @@ import {
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
+  NBD_REP_SERVER,
+  NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_LIST,
+  NBD_OPT_INFO,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
@@ -62,14 +66,32 @@ export interface NegotiatedExport {
 
 /** Oldstyle servers greet with this instead of IHAVEOPT. */
 const OLDSTYLE_MAGIC = 0x00420281861253n;
-/** The largest option reply qimg reads (an error message or an info reply is far less). */
-const MAX_OPTION_REPLY = NBD_MAX_STRING + 64;
+/** The largest option reply qimg reads (a listed export's name and description; an error message is far less). */
+const MAX_OPTION_REPLY = 2 * NBD_MAX_STRING + 64;
 
 /**
  * The handshake on `socket`; with `startTls`, NBD_OPT_STARTTLS comes first and every
  * later option goes over the TLS session it returns (which then carries the reader's bytes).
  */
 export async function negotiate(socket: Socket, reader: ByteReader, exportName: string, startTls?: () => Promise<Socket>): Promise<NegotiatedExport> {
+  const { options, noZeroes } = await begin(socket, reader, startTls);
+  // extended headers when offered (they include structured replies), else structured replies
+  const extendedHeaders = (await options.simple(NBD_OPT_EXTENDED_HEADERS)) === NBD_REP_ACK;
+  const structuredReplies = !extendedHeaders && (await options.simple(NBD_OPT_STRUCTURED_REPLY)) === NBD_REP_ACK;
+  const allocationContext = extendedHeaders || structuredReplies ? await setMetaContext(options, exportName) : undefined;
+  const result = await go(options, exportName, noZeroes);
+  if (!result) {
+    options.abortQuietly();
+    throw new NbdError('The NBD server did not answer NBD_OPT_GO');
+  }
+  // qimg sends at most NBD_MAX_PAYLOAD per request, rounded to the server's granularity
+  let maxBlock = Math.min(result.maxBlock, NBD_MAX_PAYLOAD);
+  maxBlock -= maxBlock % result.minBlock;
+  return { ...result, maxBlock, structuredReplies: structuredReplies || extendedHeaders, extendedHeaders, allocationContext };
+}
+
+/** The greeting, the client flags and (with `startTls`) NBD_OPT_STARTTLS: the option phase begins. */
+async function begin(socket: Socket, reader: ByteReader, startTls?: () => Promise<Socket>): Promise<{ options: OptionChannel; noZeroes: boolean }> {
   const greeting = await reader.read(18);
   if (greeting.readBigUInt64BE(0) !== NBDMAGIC) throw new NbdError('Not an NBD server: invalid magic received');
   const second = greeting.readBigUInt64BE(8);
@@ -92,16 +114,72 @@ export async function negotiate(socket: Socket, reader: ByteReader, exportName: 
     }
     options.socket = await startTls();
   }
-  // extended headers when offered (they include structured replies), else structured replies
-  const extendedHeaders = (await options.simple(NBD_OPT_EXTENDED_HEADERS)) === NBD_REP_ACK;
-  const structuredReplies = !extendedHeaders && (await options.simple(NBD_OPT_STRUCTURED_REPLY)) === NBD_REP_ACK;
-  const allocationContext = extendedHeaders || structuredReplies ? await setMetaContext(options, exportName) : undefined;
-  const result = await go(options, exportName, noZeroes);
-  if (!result) {
-    options.abortQuietly();
-    throw new NbdError('The NBD server did not answer NBD_OPT_GO');
+  return { options, noZeroes };
+}
+
+/** One export a server lists, with what NBD_OPT_INFO and NBD_OPT_LIST_META_CONTEXT say of it. */
+export interface ListedExport {
+  name: string;
+  description: string;
+  /** size and transmission flags: absent when the server gave no NBD_OPT_INFO answer */
+  size?: number;
+  flags?: number;
+  /** block sizes: absent when the server sent none */
+  blockSizes?: { min: number; preferred: number; max: number };
+  contexts: string[];
+}
+
+/** The most exports (and contexts per export) a listing takes from a server. */
+const MAX_LISTED = 4096;
+
+/**
+ * The exports a server offers (qemu-nbd -L): NBD_OPT_LIST, then per export NBD_OPT_INFO
+ * and NBD_OPT_LIST_META_CONTEXT, after structured replies are negotiated (so the flags
+ * are those a transmission would see); NBD_OPT_ABORT ends the session.
+ */
+export async function listExports(socket: Socket, reader: ByteReader, startTls?: () => Promise<Socket>): Promise<ListedExport[]> {
+  const { options } = await begin(socket, reader, startTls);
+  await options.simple(NBD_OPT_STRUCTURED_REPLY);
+  options.send(NBD_OPT_LIST);
+  const listed: ListedExport[] = [];
+  for (;;) {
+    const { type, data } = await options.reply(NBD_OPT_LIST);
+    if (type === NBD_REP_ACK) break;
+    if (type & NBD_REP_FLAG_ERROR) throw optionError(type, data, '');
+    if (type !== NBD_REP_SERVER || data.length < 4 || data.readUInt32BE(0) > data.length - 4) throw new NbdError('NBD protocol error: invalid export list reply');
+    if (listed.length >= MAX_LISTED) throw new NbdError('NBD protocol error: too many exports listed');
+    const nameLength = data.readUInt32BE(0);
+    listed.push({ name: data.subarray(4, 4 + nameLength).toString('utf8'), description: data.subarray(4 + nameLength).toString('utf8'), contexts: [] });
   }
-  return { ...result, structuredReplies: structuredReplies || extendedHeaders, extendedHeaders, allocationContext };
+  for (const exp of listed) {
+    const info = await go(options, exp.name, false, NBD_OPT_INFO);
+    if (info) {
+      exp.size = info.size;
+      exp.flags = info.flags;
+      if (info.blockSizesSent) exp.blockSizes = { min: info.minBlock, preferred: info.preferredBlock, max: info.maxBlock };
+    }
+    exp.contexts = await listMetaContexts(options, exp.name);
+  }
+  options.abortQuietly();
+  return listed;
+}
+
+/** Every metadata context the server has for `exportName` (a query-less NBD_OPT_LIST_META_CONTEXT). */
+async function listMetaContexts(options: OptionChannel, exportName: string): Promise<string[]> {
+  const name = Buffer.from(exportName);
+  const data = Buffer.alloc(4 + name.length + 4);
+  data.writeUInt32BE(name.length, 0);
+  name.copy(data, 4);
+  options.send(NBD_OPT_LIST_META_CONTEXT, data);
+  const out: string[] = [];
+  for (;;) {
+    const { type, data: reply } = await options.reply(NBD_OPT_LIST_META_CONTEXT);
+    if (type === NBD_REP_ACK) return out;
+    if (type & NBD_REP_FLAG_ERROR) return []; // (no contexts to show)
+    if (type !== NBD_REP_META_CONTEXT || reply.length < 5) throw new NbdError('NBD protocol error: invalid metadata context reply');
+    if (out.length >= MAX_LISTED) throw new NbdError('NBD protocol error: too many metadata context replies');
+    out.push(reply.subarray(4).toString('utf8'));
+  }
 }
 
 /** Option requests and their replies. */
@@ -172,27 +250,28 @@ async function setMetaContext(options: OptionChannel, exportName: string): Promi
   }
 }
 
-type GoResult = Omit<NegotiatedExport, 'structuredReplies' | 'extendedHeaders' | 'allocationContext'>;
+type GoResult = Omit<NegotiatedExport, 'structuredReplies' | 'extendedHeaders' | 'allocationContext'> & { blockSizesSent?: boolean };
 
-/** NBD_OPT_GO (or NBD_OPT_EXPORT_NAME when the server knows no GO). */
-async function go(options: OptionChannel, exportName: string, noZeroes: boolean): Promise<GoResult | undefined> {
+/** NBD_OPT_GO (or NBD_OPT_EXPORT_NAME when the server knows no GO), or NBD_OPT_INFO (undefined when the server knows none). */
+async function go(options: OptionChannel, exportName: string, noZeroes: boolean, option = NBD_OPT_GO): Promise<GoResult | undefined> {
   const name = Buffer.from(exportName);
   const data = Buffer.alloc(4 + name.length + 2 + 2);
   let p = data.writeUInt32BE(name.length, 0);
   p += name.copy(data, p);
   p = data.writeUInt16BE(1, p);
   data.writeUInt16BE(NBD_INFO_BLOCK_SIZE, p);
-  options.send(NBD_OPT_GO, data);
+  options.send(option, data);
   let size: number | undefined;
+  let blockSizesSent = false;
   let flags = 0;
   let minBlock = 1;
   let preferredBlock = 4096;
   let maxBlock = NBD_MAX_PAYLOAD;
   for (let replies = 0; ; replies++) {
     if (replies > 64) throw new NbdError('NBD protocol error: too many replies to NBD_OPT_GO');
-    const { type, data: reply } = await options.reply(NBD_OPT_GO);
+    const { type, data: reply } = await options.reply(option);
     if (type === NBD_REP_ACK) break;
-    if (type === NBD_REP_ERR_UNSUP) return exportNameFallback(options, name, noZeroes);
+    if (type === NBD_REP_ERR_UNSUP) return option === NBD_OPT_GO ? exportNameFallback(options, name, noZeroes) : undefined;
     if (type & NBD_REP_FLAG_ERROR) throw optionError(type, reply, exportName);
     if (type !== NBD_REP_INFO || reply.length < 2) throw new NbdError(`NBD protocol error: unexpected reply ${type} to NBD_OPT_GO`);
     const info = reply.readUInt16BE(0);
@@ -207,6 +286,7 @@ async function go(options: OptionChannel, exportName: string, noZeroes: boolean)
       minBlock = reply.readUInt32BE(2);
       preferredBlock = reply.readUInt32BE(6);
       maxBlock = reply.readUInt32BE(10);
+      blockSizesSent = true;
       if (!isPowerOf2(minBlock) || minBlock > 65536 || !isPowerOf2(preferredBlock) || preferredBlock < minBlock || maxBlock < preferredBlock || maxBlock % minBlock !== 0) {
         throw new NbdError(`NBD protocol error: invalid block sizes ${minBlock}/${preferredBlock}/${maxBlock}`);
       }
@@ -214,10 +294,7 @@ async function go(options: OptionChannel, exportName: string, noZeroes: boolean)
     // other information (name, description) is not needed
   }
   if (size === undefined) throw new NbdError('NBD protocol error: the server sent no export size');
-  // qimg sends at most NBD_MAX_PAYLOAD per request, rounded to the server's granularity
-  maxBlock = Math.min(maxBlock, NBD_MAX_PAYLOAD);
-  maxBlock -= maxBlock % minBlock;
-  return { size, flags, minBlock, preferredBlock, maxBlock };
+  return { size, flags, minBlock, preferredBlock, maxBlock, blockSizesSent };
 }
 
 /** The pre-GO way to choose an export: the server answers with size and flags at once. */
