@@ -165,7 +165,7 @@ export function registerConvert(program: Command, run: (file: string | undefined
         await convert({
           sources: sources.map((s) => s.path),
           sourceFormat: opts.sourceFormat,
-          sourceSpecs: opts.imageOpts ? sources : undefined,
+          sourceSpecs: sources.some((s) => s.imageOpts) ? sources : undefined,
           output: target?.path ?? files[files.length - 1],
           outputFormat: target?.format ?? driver.name,
           targetImageOptions: target?.imageOptions,

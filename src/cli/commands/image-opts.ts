@@ -149,17 +149,22 @@ const isOn = (v: string | undefined) => v !== undefined && ['on', 'yes', 'true',
  * against it and its backing chain. Errors are qemu's ("Could not open 'OPTS': ...").
  */
 export async function resolveImage(arg: string, ctx: ResolveContext): Promise<ImageSpec> {
-  if (!ctx.imageOpts) return { arg, path: arg, format: ctx.format, forceShare: !!ctx.forceShare, imageOpts: false, displayName: arg };
-  if (ctx.format !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive');
+  // a `json:{...}` name on the command line is an option set too (never one read from an image)
+  const json = !ctx.imageOpts && arg.startsWith('json:');
+  if (!ctx.imageOpts && !json) return { arg, path: arg, format: ctx.format, forceShare: !!ctx.forceShare, imageOpts: false, displayName: arg };
+  if (ctx.imageOpts && ctx.format !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive');
   const fail = (msg: string) => new QimgError(`Could not open '${arg}': ${msg}`, { file: '' });
 
-  const opts = new Map<string, string>();
-  for (const [k, v] of parseQemuOpts(arg)) {
-    // QemuOpts takes "id" as the options' own id (validated), then the block layer refuses it
-    if (k === 'id' && !/^[A-Za-z][A-Za-z0-9._-]*$/.test(v)) {
-      throw new ObjectError("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.");
+  const opts = json ? jsonOptions(arg.slice('json:'.length), fail) : new Map<string, string>();
+  if (json && ctx.format !== undefined) opts.set('driver', ctx.format); // (-f wins over the name's driver, as in qemu)
+  if (!json) {
+    for (const [k, v] of parseQemuOpts(arg)) {
+      // QemuOpts takes "id" as the options' own id (validated), then the block layer refuses it
+      if (k === 'id' && !/^[A-Za-z][A-Za-z0-9._-]*$/.test(v)) {
+        throw new ObjectError("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.");
+      }
+      opts.set(k, v);
     }
-    opts.set(k, v);
   }
 
   // driver=nbd: the export itself is the image (its bytes raw), as qemu opens a protocol node
@@ -269,6 +274,34 @@ function curlUrl(driver: string, opts: Map<string, string>, fail: (message: stri
   if (!url.toLowerCase().startsWith(`${driver}://`)) throw fail(`${driver} curl driver cannot handle the URL '${url}' (does not start with '${driver}://')`);
   if (other !== undefined) throw fail(`qimg does not support the option '${other.slice('file.'.length)}' of the '${driver}' driver`);
   return url;
+}
+
+/**
+ * The options of a `json:{...}` name: nested objects flattened to dotted keys
+ * (`{"file": {"filename": "x"}}` is `file.filename=x`), numbers as written, booleans
+ * on/off. qemu's refusals of what is not an object.
+ */
+function jsonOptions(text: string, fail: (message: string) => QimgError): Map<string, string> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    throw fail(`Could not parse the JSON options: ${err instanceof Error ? err.message : String(err)}`);
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw fail('Invalid JSON object given');
+  const out = new Map<string, string>();
+  const walk = (obj: Record<string, unknown>, prefix: string): void => {
+    for (const [k, v] of Object.entries(obj)) {
+      const key = prefix + k;
+      if (typeof v === 'string') out.set(key, v);
+      else if (typeof v === 'number') out.set(key, String(v));
+      else if (typeof v === 'boolean') out.set(key, v ? 'on' : 'off');
+      else if (typeof v === 'object' && v !== null && !Array.isArray(v)) walk(v as Record<string, unknown>, `${key}.`);
+      else throw fail(`Invalid parameter type for '${key}', expected: string`);
+    }
+  };
+  walk(parsed as Record<string, unknown>, '');
+  return out;
 }
 
 /** `driver=nbd,KEY=...` as `driver=raw,file.driver=nbd,file.KEY=...` (the block layer's own options stay on top). */
