@@ -6,21 +6,15 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
-import { ok, qemuAvailable, qemuImg, qemuIo, qimg, retryingCalibrationSync, tempDir, type RunResult } from '../helpers/qemu.js';
+import { sameAsQemuImg } from '../helpers/same-as-qemu.js';
+import { ok, qemuAvailable, qemuImg, qemuIo, qimg, retryingCalibrationSync, tempDir } from '../helpers/qemu.js';
 import { qemuNbdForked, stopAll, stopPid } from '../helpers/nbd-serve.js';
 
 const enabled = qemuAvailable();
 let tmp: { path: string; cleanup: () => void };
 const p = (name: string) => join(tmp.path, name);
 
-/** qemu-img and qimg on the same command: the same status and stdout (qimg's map JSON carries qemu 8.2's "compressed"). */
-function same(args: string[]): RunResult {
-  const q = qemuImg(args);
-  const r = qimg(args);
-  expect(r.status, `${args.join(' ')}: ${r.stderr} / qemu-img: ${q.stderr}`).toBe(q.status);
-  expect(r.stdout.replace(/, "compressed": false/g, ''), args.join(' ')).toBe(q.stdout);
-  return r;
-}
+const same = sameAsQemuImg;
 
 describe.skipIf(!enabled)('json: image names', () => {
   beforeAll(() => {

@@ -8,6 +8,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
+import { sameAsQemuImg } from '../helpers/same-as-qemu.js';
 import { ok, qemuAvailable, qemuImg, qemuIo, qimg, tempDir, type RunResult } from '../helpers/qemu.js';
 import { nbdServersAvailable } from '../helpers/nbd-servers.js';
 import { freePort, qemuNbdForked, serveForked, stopAll, stopPid } from '../helpers/nbd-serve.js';
@@ -26,14 +27,7 @@ const message = (r: RunResult) =>
     .replace(/^(qemu-img|qimg): /, '')
     .replace(/^(Could not open '[^']*': )+/, '');
 
-/** The same command through qemu-img and qimg: the same exit code and stdout (qimg's map JSON carries qemu 8.2's "compressed"). */
-function same(args: string[]): RunResult {
-  const q = qemuImg(args);
-  const r = qimg(args);
-  expect(r.status, `${args.join(' ')}: ${r.stderr} / qemu-img: ${q.stderr}`).toBe(q.status);
-  expect(r.stdout.replace(/, "compressed": false/g, ''), args.join(' ')).toBe(q.stdout);
-  return r;
-}
+const same = sameAsQemuImg;
 
 /** A refusal of both, as one line from qimg holding `pattern` (qemu-img's own line matches `qemuPattern`). */
 function bothRefuse(args: string[], pattern: RegExp, qemuPattern: RegExp = pattern): void {
