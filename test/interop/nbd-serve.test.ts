@@ -145,7 +145,8 @@ describe.skipIf(!enabled)('qimg serve with NBD clients', () => {
     expect(locked.stderr).toMatch(/lock/);
     const mine = nbdInfo(sock('t.sock'));
     expect(mine['is_read_only']).toBe(false);
-    expect(mine['can_multi_conn']).toBe(false);
+    // -e 2: coherent across connections, so offered as qemu-nbd offers it
+    expect(mine['can_multi_conn']).toBe(true);
     // two clients at once: a qemu-io holding the export while another connects
     const { spawn } = await import('node:child_process');
     const holder = spawn('qemu-io', ['-f', 'raw', sock('t.sock')], { stdio: ['pipe', 'pipe', 'pipe'] });

@@ -68,10 +68,11 @@ describe('NbdExport', () => {
     expect(code(() => exp.checkRange(2n ** 63n, 1n, true))).toBe(P.NBD_EINVAL);
   });
 
-  it('offers multi-conn only on a shared read-only export, DF only with structured replies', () => {
+  it('offers multi-conn on every shared export (read-only or writable, as qemu-nbd), DF only with structured replies', () => {
     expect(exportWith(Buffer.alloc(9), true, true).flags(true) & P.NBD_FLAG_CAN_MULTI_CONN).not.toBe(0);
-    expect(exportWith(Buffer.alloc(9), false, true).flags(true) & P.NBD_FLAG_CAN_MULTI_CONN).toBe(0);
+    expect(exportWith(Buffer.alloc(9), false, true).flags(true) & P.NBD_FLAG_CAN_MULTI_CONN).not.toBe(0);
     expect(exportWith(Buffer.alloc(9), true, false).flags(true) & P.NBD_FLAG_CAN_MULTI_CONN).toBe(0);
+    expect(exportWith(Buffer.alloc(9), false, false).flags(true) & P.NBD_FLAG_CAN_MULTI_CONN).toBe(0);
     expect(exportWith(Buffer.alloc(9)).flags(false) & P.NBD_FLAG_SEND_DF).toBe(0);
     const rw = exportWith(Buffer.alloc(9), false).flags(true);
     expect(rw & (P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO)).toBe(P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO);
