@@ -1,7 +1,8 @@
 /**
  * `--object tls-creds-psk|tls-creds-x509,...`: QEMU's TLS credential objects, taken by
  * `serve` (endpoint=server) and by the commands that open NBD exports (endpoint=client,
- * named by `tls-creds=ID` in --image-opts). Refusals are qemu's.
+ * named by `tls-creds=ID` in --image-opts); and `authz-simple` (serve --tls-authz).
+ * Refusals are qemu's.
  */
 import type { TlsCredsSpec } from '../io/tls-creds.js';
 import { ObjectError, parseKeyval, type KvDict } from './object-options.js';
@@ -62,4 +63,37 @@ function tlsSpec(type: TlsCredsSpec['type'], dict: KvDict, wanted: TlsCredsSpec[
   const username = str('username');
   if (username !== undefined && endpoint === 'server') throw new ObjectError('username should not be set when endpoint=server');
   return { type, id, dir, endpoint, verifyPeer: ['on', 'yes', 'true', 'y'].includes(verify), ...(username !== undefined ? { username } : {}) };
+}
+
+/**
+ * The `authz-simple,id=ID,identity=NAME` objects among `defs` (serve --tls-authz): the
+ * identity a TLS client must have (its certificate's distinguished name, or its PSK
+ * username); the other definitions are returned as they are.
+ */
+export function splitAuthzObjects(defs: readonly string[]): { authz: Map<string, string>; others: string[] } {
+  const authz = new Map<string, string>();
+  const others: string[] = [];
+  for (const def of defs) {
+    let dict: KvDict;
+    try {
+      const kv = parseKeyval(def, 'qom-type');
+      if (kv.help) throw new Error('help');
+      dict = kv.dict;
+    } catch {
+      others.push(def);
+      continue;
+    }
+    if (dict.get('qom-type') !== 'authz-simple') {
+      others.push(def);
+      continue;
+    }
+    for (const key of dict.keys()) if (!['qom-type', 'id', 'identity'].includes(key)) throw new ObjectError(`Parameter '${key}' is unexpected`);
+    const id = dict.get('id');
+    const identity = dict.get('identity');
+    if (typeof id !== 'string') throw new ObjectError("Parameter 'id' is missing");
+    if (typeof identity !== 'string') throw new ObjectError("Parameter 'identity' is missing");
+    if (authz.has(id)) throw new ObjectError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+    authz.set(id, identity);
+  }
+  return { authz, others };
 }

@@ -15,19 +15,35 @@ export type { TlsCredsSpec } from '../io/tls-creds.js';
 const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
 
 export class TlsServerCreds {
-  private constructor(private readonly options: tls.TLSSocketOptions) {}
+  /** the PSK identity each session's client gave */
+  private readonly pskIdentities = new WeakMap<tls.TLSSocket, string>();
+
+  private constructor(
+    private readonly options: tls.TLSSocketOptions,
+    private readonly kind: 'psk' | 'x509',
+    /** --tls-authz with an authz-simple object: the one client identity let in */
+    private readonly allowedIdentity?: string,
+  ) {}
 
   /** Loads the credentials from their directory (QEMU's file names); errors name the file. */
-  static load(spec: TlsCredsSpec): TlsServerCreds {
+  static load(spec: TlsCredsSpec, allowedIdentity?: string): TlsServerCreds {
     const read = (name: string): Buffer => readCredsFile(spec, name);
     if (spec.type === 'tls-creds-psk') {
       const keys = parsePskFile(read('keys.psk').toString('utf8'));
       const secureContext = tls.createSecureContext({ ciphers: 'PSK', minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2' });
-      return new TlsServerCreds({
-        isServer: true,
-        secureContext,
-        pskCallback: (_socket: tls.TLSSocket, identity: string) => keys.get(identity) ?? null,
-      } as tls.TLSSocketOptions);
+      const creds: TlsServerCreds = new TlsServerCreds(
+        {
+          isServer: true,
+          secureContext,
+          pskCallback: (socket: tls.TLSSocket, identity: string) => {
+            creds.pskIdentities.set(socket, identity);
+            return keys.get(identity) ?? null;
+          },
+        } as tls.TLSSocketOptions,
+        'psk',
+        allowedIdentity,
+      );
+      return creds;
     }
     const secureContext = tls.createSecureContext({
       ca: read('ca-cert.pem'),
@@ -35,7 +51,23 @@ export class TlsServerCreds {
       key: read('server-key.pem'),
       minVersion: 'TLSv1.2',
     });
-    return new TlsServerCreds({ isServer: true, secureContext, requestCert: spec.verifyPeer, rejectUnauthorized: spec.verifyPeer });
+    // an authorization check needs the client's certificate even when verify-peer is off
+    const requestCert = spec.verifyPeer || allowedIdentity !== undefined;
+    return new TlsServerCreds({ isServer: true, secureContext, requestCert, rejectUnauthorized: spec.verifyPeer }, 'x509', allowedIdentity);
+  }
+
+  /** The client identity --tls-authz checks (QEMU's: the PSK username, or the certificate's DN as GnuTLS writes it), or why it is refused. */
+  private refusal(secure: tls.TLSSocket): string | undefined {
+    if (this.allowedIdentity === undefined) return undefined;
+    if (this.kind === 'psk') {
+      const who = this.pskIdentities.get(secure) ?? '';
+      return who === this.allowedIdentity ? undefined : `TLS PSK authz check for ${who} is denied`;
+    }
+    const cert = secure.getPeerX509Certificate();
+    // Node lists the subject's attributes in certificate order, one per line; GnuTLS
+    // (and so QEMU) writes them in RFC 4514 order, last first, separated by commas
+    const dn = cert ? cert.subject.split('\n').reverse().join(',') : '';
+    return dn === this.allowedIdentity ? undefined : `TLS x509 authz check for ${dn} is denied`;
   }
 
   /** Runs the server side of the TLS handshake over `socket`; rejects if it fails. */
@@ -51,6 +83,8 @@ export class TlsServerCreds {
       };
       secure.once('error', fail);
       secure.once('secure', () => {
+        const denied = this.refusal(secure);
+        if (denied !== undefined) return fail(new Error(denied));
         clearTimeout(timer);
         secure.off('error', fail);
         resolve(secure);

@@ -22,7 +22,7 @@ import { NbdConnection } from '../../io/nbd/connection.js';
 import type { NbdClientTls } from '../../io/nbd/tls-client.js';
 import type { NbdAddress } from '../../io/nbd/uri.js';
 import { formatExportList } from '../output/nbd-list.js';
-import { splitTlsObjects } from '../tls-objects.js';
+import { splitAuthzObjects, splitTlsObjects } from '../tls-objects.js';
 import { addImageOptsOption, addObjectOption, withObjects, writeOut } from './common.js';
 import { openResolved, resolveImage } from './image-opts.js';
 
@@ -52,6 +52,7 @@ interface ServeFlags {
   fork?: boolean;
   pidFile?: string;
   tlsCreds?: string;
+  tlsAuthz?: string;
   object: string[];
   imageOpts?: boolean;
 }
@@ -81,6 +82,7 @@ export function registerServe(program: Command, run: (file: string | undefined, 
     .option('-L, --list', 'list the exports of another NBD server (-k or -b/-p say where) as qemu-nbd -L does')
     .option('--fork', 'start the server in the background; return once it listens')
     .option('--pid-file <path>', 'write the server\'s process id to this file')
+    .option('--tls-authz <id>', 'let in only the TLS client --object authz-simple,id=ID,identity=NAME names (certificate DN or PSK username)')
     .option('--tls-creds <id>', 'require TLS with the credentials of --object tls-creds-psk|tls-creds-x509,id=ID,dir=DIR,endpoint=server');
   addObjectOption(cmd);
   addImageOptsOption(cmd)
@@ -92,13 +94,17 @@ export function registerServe(program: Command, run: (file: string | undefined, 
           writeErrorLines(`${programName()}: Expecting one image file name`, `Try '${programName()} --help' for more information`);
           return 1;
         }
-        const { tlsSpecs, others } = splitTlsObjects(opts.object, 'server');
+        const { tlsSpecs, others: nonTls } = splitTlsObjects(opts.object, 'server');
+        const { authz, others } = splitAuthzObjects(nonTls);
+        if (opts.tlsAuthz !== undefined && opts.tlsCreds === undefined) throw new UsageError('--tls-authz is not permitted without --tls-creds');
+        const allowed = opts.tlsAuthz !== undefined ? authz.get(opts.tlsAuthz) : undefined;
+        if (opts.tlsAuthz !== undefined && allowed === undefined) throw new UsageError(`No authorization object with id '${opts.tlsAuthz}' (qimg takes authz-simple)`);
         const settings = checkFlags(opts, tlsSpecs);
         if (opts.fork && process.env[DAEMON_ENV] !== '1') return forkServer();
         const daemon = process.env[DAEMON_ENV] === '1';
         delete process.env[DAEMON_ENV];
         return withObjects(others, async (secrets) => {
-          const tls = settings.tls ? TlsServerCreds.load(settings.tls) : undefined;
+          const tls = settings.tls ? TlsServerCreds.load(settings.tls, allowed) : undefined;
           const readOnly = !!opts.readOnly || opts.loadSnapshot !== undefined;
           const snapshot = opts.loadSnapshot !== undefined ? usage(() => parseSnapshotParam(opts.loadSnapshot!)) : undefined;
           if (settings.aioNeedsDirect) {
