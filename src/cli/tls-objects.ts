@@ -7,7 +7,7 @@
 import type { TlsCredsSpec } from '../io/tls-creds.js';
 import { ObjectError, parseKeyval, type KvDict } from './object-options.js';
 
-const TLS_TYPES = ['tls-creds-psk', 'tls-creds-x509'] as const;
+const TLS_TYPES: readonly string[] = ['tls-creds-psk', 'tls-creds-x509'];
 const MEMBERS: Record<TlsCredsSpec['type'], string[]> = {
   'tls-creds-psk': ['qom-type', 'id', 'dir', 'endpoint', 'verify-peer', 'username', 'priority', 'loaded'],
   'tls-creds-x509': ['qom-type', 'id', 'dir', 'endpoint', 'verify-peer', 'priority', 'loaded', 'sanity-check', 'passwordid'],
@@ -15,12 +15,12 @@ const MEMBERS: Record<TlsCredsSpec['type'], string[]> = {
 const BOOL_VALUES = ['on', 'yes', 'true', 'y', 'off', 'no', 'false', 'n'];
 
 /**
- * The --object definitions of TLS credentials apart from the others (secrets, created
- * as every command creates them). With `endpoint` (the server's), credentials for the
- * other endpoint are refused at once; a client checks them when a connection uses them.
+ * The --object definitions whose type is one of `types`, built by `build` and keyed by
+ * their id, apart from the others (definitions that do not parse, or help requests, are
+ * left to the common parser with the others).
  */
-export function splitTlsObjects(defs: readonly string[] | undefined, endpoint?: TlsCredsSpec['endpoint']): { tlsSpecs: Map<string, TlsCredsSpec>; others: string[] } {
-  const tlsSpecs = new Map<string, TlsCredsSpec>();
+function takeObjects<T>(defs: readonly string[] | undefined, types: readonly string[], build: (type: string, dict: KvDict) => { id: string; value: T }): { taken: Map<string, T>; others: string[] } {
+  const taken = new Map<string, T>();
   const others: string[] = [];
   for (const def of defs ?? []) {
     let dict: KvDict;
@@ -29,19 +29,32 @@ export function splitTlsObjects(defs: readonly string[] | undefined, endpoint?: 
       if (kv.help) throw new Error('help');
       dict = kv.dict;
     } catch {
-      others.push(def); // the common parser reports it (or answers the help request)
-      continue;
-    }
-    const type = dict.get('qom-type');
-    if (!TLS_TYPES.includes(type as TlsCredsSpec['type'])) {
       others.push(def);
       continue;
     }
-    const spec = tlsSpec(type as TlsCredsSpec['type'], dict, endpoint);
-    if (tlsSpecs.has(spec.id)) throw new ObjectError(`attempt to add duplicate property '${spec.id}' to object (type 'container')`);
-    tlsSpecs.set(spec.id, spec);
+    const type = dict.get('qom-type');
+    if (typeof type !== 'string' || !types.includes(type)) {
+      others.push(def);
+      continue;
+    }
+    const { id, value } = build(type, dict);
+    if (taken.has(id)) throw new ObjectError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+    taken.set(id, value);
   }
-  return { tlsSpecs, others };
+  return { taken, others };
+}
+
+/**
+ * The --object definitions of TLS credentials apart from the others (secrets, created
+ * as every command creates them). With `endpoint` (the server's), credentials for the
+ * other endpoint are refused at once; a client checks them when a connection uses them.
+ */
+export function splitTlsObjects(defs: readonly string[] | undefined, endpoint?: TlsCredsSpec['endpoint']): { tlsSpecs: Map<string, TlsCredsSpec>; others: string[] } {
+  const { taken, others } = takeObjects(defs, TLS_TYPES, (type, dict) => {
+    const spec = tlsSpec(type as TlsCredsSpec['type'], dict, endpoint);
+    return { id: spec.id, value: spec };
+  });
+  return { tlsSpecs: taken, others };
 }
 
 function tlsSpec(type: TlsCredsSpec['type'], dict: KvDict, wanted: TlsCredsSpec['endpoint'] | undefined): TlsCredsSpec {
@@ -71,29 +84,13 @@ function tlsSpec(type: TlsCredsSpec['type'], dict: KvDict, wanted: TlsCredsSpec[
  * username); the other definitions are returned as they are.
  */
 export function splitAuthzObjects(defs: readonly string[]): { authz: Map<string, string>; others: string[] } {
-  const authz = new Map<string, string>();
-  const others: string[] = [];
-  for (const def of defs) {
-    let dict: KvDict;
-    try {
-      const kv = parseKeyval(def, 'qom-type');
-      if (kv.help) throw new Error('help');
-      dict = kv.dict;
-    } catch {
-      others.push(def);
-      continue;
-    }
-    if (dict.get('qom-type') !== 'authz-simple') {
-      others.push(def);
-      continue;
-    }
+  const { taken, others } = takeObjects(defs, ['authz-simple'], (_type, dict) => {
     for (const key of dict.keys()) if (!['qom-type', 'id', 'identity'].includes(key)) throw new ObjectError(`Parameter '${key}' is unexpected`);
     const id = dict.get('id');
     const identity = dict.get('identity');
     if (typeof id !== 'string') throw new ObjectError("Parameter 'id' is missing");
     if (typeof identity !== 'string') throw new ObjectError("Parameter 'identity' is missing");
-    if (authz.has(id)) throw new ObjectError(`attempt to add duplicate property '${id}' to object (type 'container')`);
-    authz.set(id, identity);
-  }
-  return { authz, others };
+    return { id, value: identity };
+  });
+  return { authz: taken, others };
 }

@@ -211,9 +211,8 @@ export class NbdExport {
     const detect = this.opts.detectZeroes ?? 'off';
     if (detect !== 'off' && isAllZero(data)) {
       const mayUnmap = detect === 'unmap' && this.opts.discard === 'unmap';
-      return this.serial(() => this.image.writeZeroes(offset, data.length, { mayUnmap })).then(() => this.writtenThrough());
-    }
-    if (this.image.concurrentWrites) await this.concurrentWrite(offset, data);
+      await this.serial(() => this.image.writeZeroes(offset, data.length, { mayUnmap }));
+    } else if (this.image.concurrentWrites) await this.concurrentWrite(offset, data);
     else await this.serial(() => this.image.write(offset, data));
     await this.writtenThrough();
   }

@@ -54,8 +54,7 @@ export async function openTemporaryOverlay(src: OverlaySource): Promise<Temporar
     const backingOptions: Record<string, string> = {};
     for (const [k, v] of Object.entries(src.imageOptions ?? {})) backingOptions[`backing.${k}`] = v;
     image = await openImage(file, { format: 'qcow2', writable: true, secrets: src.secrets, imageOptions: backingOptions });
-    const opened = image;
-    return { image: opened, dispose };
+    return { image, dispose };
   } catch (err) {
     await dispose();
     throw err;

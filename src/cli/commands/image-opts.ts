@@ -22,7 +22,7 @@ import { statSync } from 'node:fs';
 import { findDriver } from '../../core/driver.js';
 import { QimgError } from '../../core/errors.js';
 import type { BlockImage } from '../../core/block-image.js';
-import { openImage, type OpenOptions } from '../../core/open.js';
+import { NBD_TLS_CREDS_OPTION, NBD_TLS_HOSTNAME_OPTION, openImage, type OpenOptions } from '../../core/open.js';
 import { NBD_DEFAULT_PORT } from '../../io/nbd/protocol.js';
 import { isNbdName } from '../../io/remote.js';
 import type { ImageOptions, SecretStore } from '../../core/secrets.js';
@@ -326,7 +326,10 @@ function nbdName(opts: Map<string, string>, protocol: Record<string, string>, fa
   const nbd = new Map([...opts.entries()].filter(([k]) => k.startsWith('file.')).map(([k, v]) => [k.slice('file.'.length), v]));
   const other = [...nbd.keys()].find((k) => !NBD_OPTIONS.includes(k));
   if (other !== undefined) throw fail(`Block protocol 'nbd' doesn't support the option '${other}'`);
-  for (const k of ['tls-creds', 'tls-hostname']) if (nbd.has(k)) protocol[`file.${k}`] = nbd.get(k)!;
+  for (const key of [NBD_TLS_CREDS_OPTION, NBD_TLS_HOSTNAME_OPTION]) {
+    const v = opts.get(key);
+    if (v !== undefined) protocol[key] = v;
+  }
   const address = ['server.type', 'server.host', 'server.port', 'server.path', 'host', 'port', 'path', 'export'].filter((k) => nbd.has(k));
   const url = nbd.get('filename');
   if (url !== undefined) {

@@ -176,15 +176,10 @@ async function listServer(filename: string | undefined, opts: ServeFlags): Promi
   if (perDevice.some((v) => v !== undefined && v !== false)) throw new UsageError('List mode is incompatible with per-device settings');
   if (opts.fork) throw new UsageError('List mode is incompatible with forking');
   const { tlsSpecs, others } = splitTlsObjects(opts.object);
-  const settings = checkFlags({ ...opts, tlsCreds: undefined }, tlsSpecs);
+  const settings = checkFlags(opts, tlsSpecs);
   return (
     (await withObjects(others, async () => {
-      let tls: NbdClientTls | undefined;
-      if (opts.tlsCreds !== undefined) {
-        const creds = tlsSpecs.get(opts.tlsCreds);
-        if (!creds) throw new UsageError(`No TLS credentials with id '${opts.tlsCreds}'`);
-        tls = { creds };
-      }
+      const tls: NbdClientTls | undefined = settings.tls ? { creds: settings.tls } : undefined;
       const a = settings.address;
       const addr: NbdAddress = 'path' in a ? { transport: 'unix', socket: a.path, exportName: '' } : { transport: 'tcp', host: a.host, port: a.port, exportName: '' };
       const list = await NbdConnection.listExports(addr, tls ? { tls } : {}).catch((err: unknown) => {

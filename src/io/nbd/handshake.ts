@@ -85,9 +85,10 @@ export async function negotiate(socket: Socket, reader: ByteReader, exportName: 
     throw new NbdError('The NBD server did not answer NBD_OPT_GO');
   }
   // qimg sends at most NBD_MAX_PAYLOAD per request, rounded to the server's granularity
-  let maxBlock = Math.min(result.maxBlock, NBD_MAX_PAYLOAD);
-  maxBlock -= maxBlock % result.minBlock;
-  return { ...result, maxBlock, structuredReplies: structuredReplies || extendedHeaders, extendedHeaders, allocationContext };
+  const { blockSizesSent: _sent, ...negotiated } = result;
+  let maxBlock = Math.min(negotiated.maxBlock, NBD_MAX_PAYLOAD);
+  maxBlock -= maxBlock % negotiated.minBlock;
+  return { ...negotiated, maxBlock, structuredReplies: structuredReplies || extendedHeaders, extendedHeaders, allocationContext };
 }
 
 /** The greeting, the client flags and (with `startTls`) NBD_OPT_STARTTLS: the option phase begins. */
@@ -164,13 +165,23 @@ export async function listExports(socket: Socket, reader: ByteReader, startTls?:
   return listed;
 }
 
+/** The data of NBD_OPT_SET/LIST_META_CONTEXT: the export's name, then the queries, each with its length. */
+function metaContextRequest(exportName: string, queries: string[]): Buffer {
+  const parts = [Buffer.from(exportName), ...queries.map((q) => Buffer.from(q))];
+  const data = Buffer.alloc(4 + parts[0].length + 4 + parts.slice(1).reduce((n, q) => n + 4 + q.length, 0));
+  let p = data.writeUInt32BE(parts[0].length, 0);
+  p += parts[0].copy(data, p);
+  p = data.writeUInt32BE(queries.length, p);
+  for (const q of parts.slice(1)) {
+    p = data.writeUInt32BE(q.length, p);
+    p += q.copy(data, p);
+  }
+  return data;
+}
+
 /** Every metadata context the server has for `exportName` (a query-less NBD_OPT_LIST_META_CONTEXT). */
 async function listMetaContexts(options: OptionChannel, exportName: string): Promise<string[]> {
-  const name = Buffer.from(exportName);
-  const data = Buffer.alloc(4 + name.length + 4);
-  data.writeUInt32BE(name.length, 0);
-  name.copy(data, 4);
-  options.send(NBD_OPT_LIST_META_CONTEXT, data);
+  options.send(NBD_OPT_LIST_META_CONTEXT, metaContextRequest(exportName, []));
   const out: string[] = [];
   for (;;) {
     const { type, data: reply } = await options.reply(NBD_OPT_LIST_META_CONTEXT);
@@ -229,15 +240,7 @@ class OptionChannel {
 
 /** Asks for base:allocation; its context id, or undefined when the server has none. */
 async function setMetaContext(options: OptionChannel, exportName: string): Promise<number | undefined> {
-  const name = Buffer.from(exportName);
-  const query = Buffer.from(BASE_ALLOCATION);
-  const data = Buffer.alloc(4 + name.length + 4 + 4 + query.length);
-  let p = data.writeUInt32BE(name.length, 0);
-  p += name.copy(data, p);
-  p = data.writeUInt32BE(1, p);
-  p = data.writeUInt32BE(query.length, p);
-  query.copy(data, p);
-  options.send(NBD_OPT_SET_META_CONTEXT, data);
+  options.send(NBD_OPT_SET_META_CONTEXT, metaContextRequest(exportName, [BASE_ALLOCATION]));
   let id: number | undefined;
   for (let replies = 0; ; replies++) {
     if (replies > 16) throw new NbdError('NBD protocol error: too many metadata context replies');
